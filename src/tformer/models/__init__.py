@@ -1,0 +1,54 @@
+"""Model families and their presets. A family is a file; this registry maps names to
+(Config, Model) and presets to configs, so a recipe can say `model: gpt2-small`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from tformer.config import ConfigError, did_you_mean, from_dict
+from tformer.models import gpt
+
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "gpt": (gpt.GPTConfig, gpt.GPT),
+}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    name: ("gpt", values) for name, values in gpt.PRESETS.items()
+}
+
+
+def family_of(config: Any) -> str:
+    for name, (config_cls, _) in FAMILIES.items():
+        if isinstance(config, config_cls):
+            return name
+    raise ConfigError(f"{type(config).__name__} is not the config of a registered model family")
+
+
+def get_config(name: str, **overrides: Any) -> Any:
+    """The config of a preset (e.g. 'gpt2-small') or a family's defaults (e.g. 'gpt'), with
+    `overrides` applied; unknown names and keys raise ConfigError."""
+    if name in PRESETS:
+        family, values = PRESETS[name]
+    elif name in FAMILIES:
+        family, values = name, {}
+    else:
+        options = [*PRESETS, *FAMILIES]
+        raise ConfigError(f"unknown model or preset {name!r}{did_you_mean(name, options)}; "
+                          f"available: {', '.join(options)}")
+    config_cls = FAMILIES[family][0]
+    return from_dict(config_cls, {**values, **overrides}, where=f"the {family} config")
+
+
+def build_model(name_or_config: Any, **overrides: Any) -> nn.Module:
+    """A freshly initialised model from a preset/family name or a config object."""
+    if isinstance(name_or_config, str):
+        config = get_config(name_or_config, **overrides)
+    else:
+        config = dataclasses.replace(name_or_config, **overrides) if overrides else name_or_config
+    return FAMILIES[family_of(config)][1](config)
+
+
+__all__ = ["FAMILIES", "PRESETS", "build_model", "family_of", "get_config"]

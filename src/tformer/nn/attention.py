@@ -1,0 +1,97 @@
+"""Multi-head attention: self- or cross-attention, grouped key/value heads, KV cache."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from tformer.nn.attend import ScoreBias, get_backend
+from tformer.nn.kv_cache import CrossKV, LayerKV
+from tformer.nn.masks import Mask
+from tformer.nn.position import apply_rotary
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over `n_heads` query heads and `n_kv_heads` key/value heads
+    (grouped-query attention when fewer; multi-query when 1).
+
+    Self-attention uses one fused QKV projection laid out [q heads | k heads | v heads]; pass
+    `d_context` to build cross-attention instead (queries from x, keys/values from a context).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
+                 d_context: int | None = None, bias: bool = True, dropout: float = 0.0,
+                 backend: str = "sdpa", qk_norm: Callable[[int], nn.Module] | None = None) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.is_cross = d_context is not None
+        if self.is_cross:
+            self.q_proj = nn.Linear(d_model, q_dim, bias=bias)
+            self.kv_proj = nn.Linear(d_context, 2 * kv_dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
+        self.out_proj = nn.Linear(q_dim, d_model, bias=bias)
+        self.q_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.dropout = dropout
+        self.backend = backend
+        self.attend = get_backend(backend)
+
+    def _split_heads(self, x: Tensor, heads: int) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+
+    def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        return (self._split_heads(q, self.n_heads), self._split_heads(k, self.n_kv_heads),
+                self._split_heads(v, self.n_kv_heads))
+
+    def _project_context(self, context: Tensor, cross_cache: CrossKV | None) -> tuple[Tensor, Tensor]:
+        if cross_cache is not None and cross_cache.keys is not None:
+            return cross_cache.keys, cross_cache.values  # projected once per source
+        k, v = self.kv_proj(context).chunk(2, dim=-1)
+        k, v = self.k_norm(self._split_heads(k, self.n_kv_heads)), self._split_heads(v, self.n_kv_heads)
+        if cross_cache is not None:
+            cross_cache.keys, cross_cache.values = k, v
+        return k, v
+
+    def forward(self, x: Tensor, mask: Mask | None = None, *, context: Tensor | None = None,
+                bias: ScoreBias | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                cache: LayerKV | CrossKV | None = None) -> Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model).
+
+        mask/bias: attention pattern and additive score bias, indexed by absolute positions.
+        rope: (cos, sin) for the new tokens, (B, 1, T, head_dim) each.
+        cache: a LayerKV (self-attention: new keys are appended, all cached keys attended) or
+        a CrossKV (cross-attention: context keys/values projected on the first call only).
+        """
+        q_offset: int | Tensor = 0
+        if self.is_cross:
+            if context is None and not (isinstance(cache, CrossKV) and cache.keys is not None):
+                raise ValueError("cross-attention needs a context (encoder output)")
+            q = self.q_norm(self._split_heads(self.q_proj(x), self.n_heads))
+            k, v = self._project_context(context, cache)
+        else:
+            q, k, v = self._project_self(x)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if isinstance(cache, LayerKV):
+                k, v = cache.update(k, v)  # (B, Hkv, max_len, D)
+                q_offset = cache.cache.offset
+        if self.n_kv_heads != self.n_heads:  # grouped-query: each KV head serves a group of q heads
+            repeats = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        out = self.attend(q, k, v, mask, bias=bias, q_offset=q_offset, dropout=dropout)
+        B, _, T, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
