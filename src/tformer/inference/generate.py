@@ -1,0 +1,201 @@
+"""Incremental decoding with a KV cache: greedy, temperature, top-k, top-p, repetition penalty,
+stop tokens, left-padded batches of prompts, streaming, seeded reproducibility.
+
+Works with any causal LM that has `forward(ids, attention_mask=..., cache=...) -> logits`,
+`new_cache(batch, max_len)` and `config.context_length` / `config.vocab_size` (see `CausalLM`).
+Beam search lives in `tformer.inference.beam`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from tformer.nn import KVCache, check_token_ids
+
+
+class CausalLM(Protocol):
+    config: object
+    training: bool
+
+    def __call__(self, ids: Tensor, *, attention_mask: Tensor | None = None,
+                 cache: KVCache | None = None) -> Tensor: ...
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn. `temperature=0` means greedy (argmax)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches p (nucleus)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Left-pad prompts of different lengths: returns ids (B, T) and attention_mask (B, T) bool."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[i, width - len(prompt):] = True
+    return ids, mask
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL (Keskar et al. 2019): divide positive, multiply negative logits of seen tokens.
+    logits: (B, V); seen: (B, V) bool."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits: (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p  # the top token always survives (mass_before = 0)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits
+
+
+def choose_next(logits: Tensor, sampling: Sampling, seen: Tensor | None,
+                generator: torch.Generator | None) -> Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature == 0.0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
+                   attention_mask: Tensor | None, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Validate a prompt batch; return ids (B, T) and a bool attention mask (B, T)."""
+    device = next(model.parameters()).device  # type: ignore[attr-defined]
+    if not isinstance(ids, Tensor):
+        ids, attention_mask = pad_prompts(ids, device=device)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"the prompt must be a non-empty (batch, length) tensor, got {tuple(ids.shape)}")
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} must equal the prompt shape "
+                         f"{tuple(ids.shape)}")
+    if not bool(mask.any(-1).all()):
+        raise ValueError("a prompt in the batch is empty (all padding): give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    context = model.config.context_length  # type: ignore[attr-defined]
+    if ids.shape[1] + max_new_tokens > context:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context length ({context}); shorten the prompt or "
+                         "generate fewer tokens")
+    check_token_ids(ids[mask], model.config.vocab_size)  # type: ignore[attr-defined]
+    return ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the duration; the previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+           sampling: Sampling | None = None, *, attention_mask: Tensor | None = None,
+           stop_tokens: Sequence[int] = (), pad_id: int | None = None,
+           seed: int | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every sequence, (B,), one step at a time.
+
+    sampling: None for greedy. Rows that emitted a stop token continue with `pad_id` (default:
+    the first stop token) until every row has stopped or max_new_tokens is reached.
+    """
+    sampling = sampling or GREEDY
+    ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens)
+    B, T = ids.shape
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
+    pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
+    vocab = model.config.vocab_size  # type: ignore[attr-defined]
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        counts = torch.zeros(B, vocab, dtype=torch.long, device=ids.device)
+        seen = counts.scatter_add_(1, ids, mask.long()) > 0  # (B, V): token occurs in the prompt
+    with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            token = choose_next(logits, sampling, seen, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            yield token
+            finished |= torch.isin(token, stop)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                return
+            if seen is not None:
+                seen[torch.arange(B), token] = True
+            logits = model(token.unsqueeze(1), cache=cache)[:, -1]
+
+
+def generate(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: Sampling | None = None, *, attention_mask: Tensor | None = None,
+             stop_tokens: Sequence[int] = (), pad_id: int | None = None, seed: int | None = None,
+             on_token: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Prompt (B, T) -> prompt followed by the new tokens (B, T + n), n <= max_new_tokens.
+
+    A list of token lists is left-padded for you. `on_token` receives each step's tokens (B,)
+    as they are produced (streaming); `seed` makes sampling reproducible.
+    """
+    if not isinstance(ids, Tensor):
+        device = next(model.parameters()).device  # type: ignore[attr-defined]
+        ids, attention_mask = pad_prompts(ids, device=device)
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    steps = []
+    for token in stream(model, ids, max_new_tokens, sampling, attention_mask=attention_mask,
+                        stop_tokens=stop_tokens, pad_id=pad_id, seed=seed):
+        steps.append(token)
+        if on_token is not None:
+            on_token(token)
+    return torch.cat([ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)

@@ -1,0 +1,221 @@
+"""Hugging Face GPT-2 checkpoints <-> `tformer.models.gpt.GPT`: read and write a directory of
+config.json + model.safetensors (or a sharded index) in HF's layout. Pickles are never loaded.
+
+HF GPT-2 stores its projections as `Conv1D` with weight (in, out); ours are `nn.Linear` with
+weight (out, in), so those matrices are transposed both ways. Transformers itself is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tformer.config import ConfigError
+from tformer.models.gpt import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# HF activation_function -> ours; both tanh forms are the same function (Hendrycks & Gimpel 2016)
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                  "relu": "relu", "silu": "silu", "swish": "silu"}
+TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+# GPT2Config defaults, for keys a config.json leaves out
+HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+                   activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                   layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True)
+# options HF GPT-2 has and GPT does not: key -> the only value we can honour
+UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+               "scale_attn_weights": True, "add_cross_attention": False}
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
+
+
+def _hf_config_to_gpt(hf: dict, where: str) -> GPTConfig:
+    if hf.get("model_type") != "gpt2":
+        raise ConfigError(f"model_type={hf.get('model_type')!r} in {where}: only 'gpt2' checkpoints "
+                          "can be loaded")
+    for key, allowed in UNSUPPORTED.items():
+        if hf.get(key, allowed) != allowed:
+            raise ConfigError(f"{key}={hf[key]!r} in {where} is not supported by tformer's GPT "
+                              f"(only {allowed!r})")
+    c = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in HF_DEFAULTS}}
+    if c["activation_function"] not in HF_ACTIVATIONS:
+        raise ConfigError(f"activation_function={c['activation_function']!r} in {where} is not "
+                          f"supported; choose one of {sorted(HF_ACTIVATIONS)}")
+    if len({c["resid_pdrop"], c["embd_pdrop"], c["attn_pdrop"]}) > 1:
+        log.info("%s: GPT has one dropout rate; using resid_pdrop=%s for all", where, c["resid_pdrop"])
+    return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"], n_layers=c["n_layer"],
+                     n_heads=c["n_head"], d_model=c["n_embd"], d_ff=c["n_inner"],
+                     dropout=float(c["resid_pdrop"]), norm_eps=c["layer_norm_epsilon"],
+                     activation=HF_ACTIVATIONS[c["activation_function"]], position="learned",
+                     tie_embeddings=bool(c["tie_word_embeddings"]), init_std=c["initializer_range"])
+
+
+def load_gpt2_config(path: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig of the HF GPT-2 checkpoint directory `path` (its config.json)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: is {path} a Hugging Face checkpoint directory?")
+    return _hf_config_to_gpt(json.loads(file.read_text()), str(file))
+
+
+def tensor_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
+    """HF tensor name (without the 'transformer.' prefix) -> (our state-dict name, transpose)."""
+    names = {"wte.weight": ("tok_emb.weight", False), "wpe.weight": ("pos_emb.embedding.weight", False),
+             "ln_f.weight": ("norm.weight", False), "ln_f.bias": ("norm.bias", False)}
+    parts = {"ln_1": ("attn_norm", False), "attn.c_attn": ("attn.qkv_proj", True),
+             "attn.c_proj": ("attn.out_proj", True), "ln_2": ("ffn_norm", False),
+             "mlp.c_fc": ("ffn.up", True), "mlp.c_proj": ("ffn.down", True)}
+    for i in range(config.n_layers):
+        for hf_part, (ours, conv1d) in parts.items():
+            names[f"h.{i}.{hf_part}.weight"] = (f"blocks.{i}.{ours}.weight", conv1d)
+            names[f"h.{i}.{hf_part}.bias"] = (f"blocks.{i}.{ours}.bias", False)
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head.weight", False)
+    return names
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """Tensor name as stored -> the safetensors file that holds it."""
+    if (root / WEIGHTS_FILE).is_file():
+        with safe_open(root / WEIGHTS_FILE, framework="pt") as f:
+            return {name: root / WEIGHTS_FILE for name in f.keys()}
+    if (root / INDEX_FILE).is_file():
+        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            if not (root / shard).is_file():
+                raise FileNotFoundError(f"shard {shard} listed in {root / INDEX_FILE} is missing")
+        return {name: root / file for name, file in weight_map.items()}
+    if any((root / name).is_file() for name in PICKLE_FILES):
+        raise ValueError(
+            f"{root} holds only pickled weights (pytorch_model.bin); tformer refuses pickles because "
+            "loading one can run arbitrary code. Convert it once, in an environment you trust: "
+            "`transformers.GPT2LMHeadModel.from_pretrained(path).save_pretrained(path, "
+            "safe_serialization=True)` writes model.safetensors")
+    raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {root}")
+
+
+def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> GPT:
+    """A GPT (eval mode) with the weights of the HF GPT-2 checkpoint directory `path`.
+
+    dtype: None keeps the checkpoint's floating dtype. Missing tensors and wrong shapes raise
+    one ValueError naming the tensor and file; `attn.bias` mask buffers are ignored.
+    """
+    root = Path(path)
+    config = load_gpt2_config(root)
+    files = _weight_files(root)
+    stored = {name.removeprefix("transformer."): name for name in files}
+    expected = tensor_names(config)
+    with torch.device("meta"):  # shapes only, no memory
+        meta_state = GPT(config).state_dict()
+    problems = []
+    for hf_name, (ours, transpose) in expected.items():
+        if hf_name not in stored:
+            problems.append(f"missing tensor {hf_name!r} (searched {sorted({str(f) for f in files.values()})})")
+            continue
+        want = tuple(meta_state[ours].shape)
+        want = want[::-1] if transpose else want
+        with safe_open(files[stored[hf_name]], framework="pt") as f:
+            got = tuple(f.get_slice(stored[hf_name]).get_shape())
+        if got != want:
+            problems.append(f"tensor {stored[hf_name]!r} in {files[stored[hf_name]]} has shape {got}, "
+                            f"config.json implies {want}")
+    if problems:
+        raise ValueError(f"checkpoint {root} does not match its config: " + "; ".join(problems))
+    extra = [n for n in stored if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+             and not (n == "lm_head.weight" and config.tie_embeddings)]
+    if extra:
+        log.warning("%s: ignoring %d tensors GPT-2 does not use, e.g. %s", root, len(extra), extra[:3])
+    state: dict[str, Tensor] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            for hf_name, (ours, transpose) in expected.items():
+                if files[stored[hf_name]] == file:
+                    tensor = f.get_tensor(stored[hf_name])
+                    state[ours] = tensor.t() if transpose else tensor
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    dtype = dtype or state["tok_emb.weight"].dtype
+    with torch.device(device or "cpu"):
+        model = GPT(config)
+    model.to(dtype).load_state_dict(state)  # copies, casting to the model's dtype
+    log.info("loaded GPT-2 checkpoint %s (%d layers, d_model=%d)", root, config.n_layers, config.d_model)
+    return model.eval()
+
+
+def gpt_config_to_hf(config: GPTConfig, *, bos_token_id: int | None = None,
+                     eos_token_id: int | None = None) -> dict:
+    """The config.json dict of HF GPT-2 for `config`; ConfigError if GPT-2 cannot express it."""
+    checks = [("position", "learned"), ("norm", "layernorm"), ("bias", True), ("qk_norm", False)]
+    for field, needed in checks:
+        if getattr(config, field) != needed:
+            raise ConfigError(f"cannot export {field}={getattr(config, field)!r} to HF GPT-2, which "
+                              f"only has {field}={needed!r}")
+    if config.n_kv_heads not in (None, config.n_heads):
+        raise ConfigError(f"cannot export n_kv_heads={config.n_kv_heads} (grouped-query attention) "
+                          "to HF GPT-2, which has one key/value head per query head")
+    if config.activation not in TO_HF_ACTIVATION:
+        raise ConfigError(f"cannot export activation={config.activation!r} to HF GPT-2; it supports "
+                          f"{sorted(TO_HF_ACTIVATION)}")
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": config.vocab_size, "n_positions": config.context_length,
+            "n_embd": config.d_model, "n_layer": config.n_layers, "n_head": config.n_heads,
+            "n_inner": config.d_ff, "activation_function": TO_HF_ACTIVATION[config.activation],
+            "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "layer_norm_epsilon": config.norm_eps, "initializer_range": config.init_std,
+            **{key: allowed for key, allowed in UNSUPPORTED.items()},
+            "tie_word_embeddings": config.tie_embeddings, "use_cache": True,
+            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+
+
+def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> Path:
+    """Write `model` as an HF GPT-2 checkpoint (config.json + model.safetensors) at `path`.
+
+    Everything is written to a temporary directory beside `path` first and moved in by rename,
+    so a failure leaves `path` as it was. Other files in an existing directory (a tokenizer) stay.
+    The token ids go to config.json (GPTConfig does not know them).
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_gpt2 exports a tformer GPT, got {type(model).__name__}")
+    hf_config = gpt_config_to_hf(model.config, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    state = model.state_dict()
+    hf_config["dtype"] = hf_config["torch_dtype"] = str(state["tok_emb.weight"].dtype).removeprefix("torch.")
+    tensors = {}
+    for hf_name, (ours, transpose) in tensor_names(model.config).items():
+        tensor = state[ours].detach().to("cpu")
+        prefix = "" if hf_name == "lm_head.weight" else "transformer."
+        tensors[prefix + hf_name] = (tensor.t() if transpose else tensor).contiguous()
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a directory")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.{uuid.uuid4().hex}.partial"
+    staging.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed checkpoint
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        if root.exists():  # one rename per file; load_gpt2 checks shapes against config.json
+            stale = [name for name in (INDEX_FILE, *PICKLE_FILES) if (root / name).exists()]
+            if stale:
+                log.warning("%s also holds %s; %s takes precedence when loading", root, stale, WEIGHTS_FILE)
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(staging / name, root / name)
+        else:
+            os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved GPT-2 checkpoint to %s", root)
+    return root

@@ -1,0 +1,111 @@
+"""Incremental decoding: cached generation against a no-cache reference, sampling controls."""
+
+import pytest
+import torch
+
+from tformer.inference import Sampling, generate, pad_prompts, stream
+from tformer.inference.generate import apply_repetition_penalty, filter_logits
+from tformer.models.gpt import GPT, GPTConfig
+
+VOCAB = 37
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, context_length=48, n_layers=2, n_heads=2, d_model=32)
+    return GPT(config).eval()
+
+
+def greedy_without_cache(model, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0].tolist()
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    out = generate(model, torch.tensor([[3, 1, 4, 1, 5]]), 12)
+    assert out[0].tolist() == greedy_without_cache(model, [3, 1, 4, 1, 5], 12)
+
+
+def test_batched_prompts_of_different_lengths_match_each_alone(model):
+    prompts = [[3, 1, 4], [2, 7, 1, 8, 2, 8], [9]]
+    out = generate(model, prompts, 8)
+    for row, prompt in zip(out, prompts):
+        assert row[-8:].tolist() == greedy_without_cache(model, prompt, 8)[-8:]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    sampling = Sampling(temperature=1.3, top_k=10, top_p=0.9)
+    first = generate(model, [[1, 2]], 15, sampling, seed=11)
+    assert torch.equal(first, generate(model, [[1, 2]], 15, sampling, seed=11))
+    assert not torch.equal(first, generate(model, [[1, 2]], 15, sampling, seed=12))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = generate(model, [[5, 6, 7]], 10)
+    assert torch.equal(generate(model, [[5, 6, 7]], 10, Sampling(top_k=1), seed=0), greedy)
+    assert torch.equal(generate(model, [[5, 6, 7]], 10, Sampling(top_p=1e-6), seed=0), greedy)
+
+
+def test_filter_logits_keeps_the_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = filter_logits(probs.log(), top_k=None, top_p=0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    kept = filter_logits(probs.log()[:, [3, 1, 0, 2]], top_k=None, top_p=0.81).isfinite()
+    assert kept.tolist() == [[False, True, True, True]]  # order does not matter
+    assert filter_logits(probs.log(), top_k=2, top_p=None).isfinite().sum() == 2
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    plain = generate(model, [[4, 4, 4]], 12)
+    penalised = generate(model, [[4, 4, 4]], 12, Sampling(temperature=0.0, repetition_penalty=5.0))
+    assert not torch.equal(plain, penalised)
+
+
+def test_stop_tokens_end_rows_and_pad_after(model):
+    prompts = [[3, 1, 4], [2, 7]]
+    free = generate(model, prompts, 10)
+    stop = int(free[0, 5])  # the third token row 0 generates
+    out = generate(model, prompts, 10, stop_tokens=[stop], pad_id=0)
+    row0 = out[0, 3:].tolist()
+    first_stop = row0.index(stop)
+    assert all(t == 0 for t in row0[first_stop + 1:])
+    steps = list(stream(model, [[3, 1, 4]], 10, stop_tokens=[stop]))
+    assert int(steps[-1][0]) == stop and len(steps) <= 3  # stops as soon as every row stopped
+
+
+def test_streaming_callback_sees_every_token(model):
+    seen = []
+    out = generate(model, [[1, 2, 3]], 6, on_token=lambda t: seen.append(int(t[0])))
+    assert seen == out[0, 3:].tolist()
+
+
+def test_generation_restores_training_mode(model):
+    model.train()
+    generate(model, [[1]], 2)
+    assert model.training
+    model.eval()
+
+
+def test_bad_prompts_and_settings_are_explained(model):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pad_prompts([[1], []])
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        generate(model, [list(range(30))], 20)
+    with pytest.raises(ValueError, match="token id 99 is out of range"):
+        generate(model, [[1, 99]], 2)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        Sampling(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1]], 0)
