@@ -94,6 +94,23 @@ def test_forward_compiles_without_graph_breaks():
         torch.testing.assert_close(compiled(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_decoding_with_the_static_cache_compiles_once():
+    """The cache has fixed shapes and a tensor write position: decoding steps reuse one graph."""
+    import torch._dynamo
+
+    model = tiny()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    torch._dynamo.reset()
+    step = torch.compile(model, fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        full = model(ids)
+        cache = model.new_cache(2, 12)
+        outputs = [model(ids[:, :5], cache=cache)]
+        outputs += [step(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(outputs, 1), full, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "rope_gqa_swiglu_rms"])
 def test_overfits_one_batch(variant):
     model = tiny(**VARIANTS[variant]).train()

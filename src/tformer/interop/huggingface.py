@@ -106,6 +106,28 @@ def _weight_files(root: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {root}")
 
 
+def _check_tensors(root: Path, config: GPTConfig, files: dict[str, Path]) -> None:
+    """One ValueError listing every tensor that is missing or has a shape `config` contradicts."""
+    stored = {name.removeprefix("transformer."): name for name in files}
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    problems = []
+    for hf_name, (ours, transpose) in tensor_names(config).items():
+        if hf_name not in stored:
+            searched = sorted({str(file) for file in files.values()})
+            problems.append(f"missing tensor {hf_name!r} (searched {searched})")
+            continue
+        want = shapes[ours][::-1] if transpose else shapes[ours]
+        file = files[stored[hf_name]]
+        with safe_open(file, framework="pt") as f:
+            got = tuple(f.get_slice(stored[hf_name]).get_shape())
+        if got != want:
+            problems.append(f"tensor {stored[hf_name]!r} in {file} has shape {got}, "
+                            f"config.json implies {want}")
+    if problems:
+        raise ValueError(f"checkpoint {root} does not match its config: " + "; ".join(problems))
+
+
 def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> GPT:
     """A GPT (eval mode) with the weights of the HF GPT-2 checkpoint directory `path`.
@@ -118,22 +140,7 @@ def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     files = _weight_files(root)
     stored = {name.removeprefix("transformer."): name for name in files}
     expected = tensor_names(config)
-    with torch.device("meta"):  # shapes only, no memory
-        meta_state = GPT(config).state_dict()
-    problems = []
-    for hf_name, (ours, transpose) in expected.items():
-        if hf_name not in stored:
-            problems.append(f"missing tensor {hf_name!r} (searched {sorted({str(f) for f in files.values()})})")
-            continue
-        want = tuple(meta_state[ours].shape)
-        want = want[::-1] if transpose else want
-        with safe_open(files[stored[hf_name]], framework="pt") as f:
-            got = tuple(f.get_slice(stored[hf_name]).get_shape())
-        if got != want:
-            problems.append(f"tensor {stored[hf_name]!r} in {files[stored[hf_name]]} has shape {got}, "
-                            f"config.json implies {want}")
-    if problems:
-        raise ValueError(f"checkpoint {root} does not match its config: " + "; ".join(problems))
+    _check_tensors(root, config, files)
     extra = [n for n in stored if n not in expected and not n.endswith(IGNORED_SUFFIXES)
              and not (n == "lm_head.weight" and config.tie_embeddings)]
     if extra:
