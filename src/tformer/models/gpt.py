@@ -108,8 +108,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = TokenEmbedding(config.vocab_size, config.d_model)
-        self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(
-            config.position, lambda *_: None)(config.context_length, config.d_model)
+        self.pos_emb: nn.Module | None = None  # rope and alibi act inside attention instead
+        if config.position == "learned":
+            self.pos_emb = LearnedPositions(config.context_length, config.d_model)
+        elif config.position == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(config.context_length, config.d_model)
         self.rope = (RotaryEmbedding(config.head_dim, config.context_length, config.rope_base)
                      if config.position == "rope" else None)
         self.alibi = ALiBi(config.n_heads) if config.position == "alibi" else None
@@ -165,6 +168,9 @@ class GPT(nn.Module):
         if attention_mask is not None and attention_mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal the "
                              f"ids shape {tuple(ids.shape)}")
+        if cache is not None and cache.max_len > self.config.context_length:
+            raise ValueError(f"the cache holds {cache.max_len} tokens, more than the context length "
+                             f"({self.config.context_length}); create it with model.new_cache")
         if cache is not None and cache.batch_size != ids.shape[0]:
             raise ValueError(f"cache holds {cache.batch_size} sequences, input has {ids.shape[0]}")
 
