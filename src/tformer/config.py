@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -52,3 +53,90 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def _yaml_loader() -> type:
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    float_pattern = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_pattern, list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file holding a mapping; errors name the file, line and problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))  # JSON is valid YAML
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e})") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.lr=3e-4' -> (['training', 'lr'], 0.0003); values are parsed as YAML scalars."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = load_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str],
+                    sections: dict[str, Iterable[str]] | None = None) -> dict[str, Any]:
+    """A copy of nested `data` with `key.sub=value` overrides applied. `sections` (name ->
+    allowed keys) lets an unknown key be refused here, naming the override that holds it."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            allowed = list(sections) if sections is not None and depth == 0 else None
+            if allowed is not None and part not in allowed:
+                raise ConfigError(f"unknown section {part!r} in --set {text}"
+                                  f"{did_you_mean(part, allowed)}; sections: {', '.join(allowed)}")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(path[:depth + 1])} is a value, not a section")
+        if sections is not None and len(path) >= 2 and path[0] in sections:
+            keys = list(sections[path[0]])
+            if keys and path[1] not in keys:
+                raise ConfigError(f"unknown key {path[1]!r} in --set {text}"
+                                  f"{did_you_mean(path[1], keys)}; valid keys in {path[0]}: "
+                                  f"{', '.join(keys)}")
+        node[path[-1]] = value
+    return result

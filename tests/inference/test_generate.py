@@ -109,3 +109,19 @@ def test_bad_prompts_and_settings_are_explained(model):
         Sampling(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1]], 0)
+
+
+def test_sliding_generation_past_the_context_recomputes_the_last_half(model):
+    """Reference: a full forward over the window; once it would exceed the context, the window
+    restarts at the last context // 2 tokens."""
+    context, prompt, n = model.config.context_length, [3, 1, 4, 1, 5], 70
+    seq, start = list(prompt), 0
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq[start:]]))[0, -1].argmax()))
+            if len(seq) - start > context:
+                start = len(seq) - context // 2
+    out = generate(model, [prompt], n, sliding=True)
+    assert out[0].tolist() == seq
+    with pytest.raises(ValueError, match="sliding=True"):
+        generate(model, [prompt], n)

@@ -104,8 +104,10 @@ def choose_next(logits: Tensor, sampling: Sampling, seen: Tensor | None,
 
 
 def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
-                   attention_mask: Tensor | None, max_new_tokens: int) -> tuple[Tensor, Tensor]:
-    """Validate a prompt batch; return ids (B, T) and a bool attention mask (B, T)."""
+                   attention_mask: Tensor | None, max_new_tokens: int,
+                   sliding: bool = False) -> tuple[Tensor, Tensor]:
+    """Validate a prompt batch; return ids (B, T) and a bool attention mask (B, T). With
+    `sliding`, a prompt longer than the context keeps its last context - 1 tokens."""
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     if not isinstance(ids, Tensor):
         ids, attention_mask = pad_prompts(ids, device=device)
@@ -122,10 +124,14 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     context = model.config.context_length  # type: ignore[attr-defined]
-    if ids.shape[1] + max_new_tokens > context:
+    if sliding and ids.shape[1] >= context:
+        ids, mask = ids[:, -(context - 1):], mask[:, -(context - 1):]
+        if not bool(mask.any(-1).all()):
+            raise ValueError("a prompt has no real token in its last context - 1 positions")
+    if not sliding and ids.shape[1] + max_new_tokens > context:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
-                         f"exceeds the model's context length ({context}); shorten the prompt or "
-                         "generate fewer tokens")
+                         f"exceeds the model's context length ({context}); shorten the prompt, "
+                         "generate fewer tokens, or pass sliding=True")
     check_token_ids(ids[mask], model.config.vocab_size)  # type: ignore[attr-defined]
     return ids.to(device), mask.to(device)
 
@@ -143,15 +149,17 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
            sampling: Sampling | None = None, *, attention_mask: Tensor | None = None,
-           stop_tokens: Sequence[int] = (), pad_id: int | None = None,
-           seed: int | None = None) -> Iterator[Tensor]:
+           stop_tokens: Sequence[int] = (), pad_id: int | None = None, seed: int | None = None,
+           sliding: bool = False) -> Iterator[Tensor]:
     """Yield the next token of every sequence, (B,), one step at a time.
 
     sampling: None for greedy. Rows that emitted a stop token continue with `pad_id` (default:
     the first stop token) until every row has stopped or max_new_tokens is reached.
+    sliding: generate past the context length; when the cache is full, the last half of the
+    context is re-encoded into a fresh cache (as nanoGPT crops its input).
     """
     sampling = sampling or GREEDY
-    ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens)
+    ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens, sliding)
     B, T = ids.shape
     generator = None
     if seed is not None:
@@ -159,14 +167,16 @@ def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_token
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
     pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
     vocab = model.config.vocab_size  # type: ignore[attr-defined]
+    context = model.config.context_length  # type: ignore[attr-defined]
+    cache_len = context if sliding else T + max_new_tokens
     seen = None
     if sampling.repetition_penalty != 1.0:
         counts = torch.zeros(B, vocab, dtype=torch.long, device=ids.device)
         seen = counts.scatter_add_(1, ids, mask.long()) > 0  # (B, V): token occurs in the prompt
     with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]
-        cache = model.new_cache(B, T + max_new_tokens)
+        cache = model.new_cache(B, cache_len)
         logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
-        finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        used, finished = T, torch.zeros(B, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
             token = choose_next(logits, sampling, seen, generator)
             token = torch.where(finished, torch.full_like(token, pad), token)
@@ -176,13 +186,22 @@ def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_token
                 return
             if seen is not None:
                 seen[torch.arange(B), token] = True
-            logits = model(token.unsqueeze(1), cache=cache)[:, -1]
+            ids = torch.cat([ids, token.unsqueeze(1)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if used == cache_len:  # only when sliding: restart from the last half context
+                keep = max(1, context // 2)
+                cache = model.new_cache(B, cache_len)
+                logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
+                used = keep
+            else:
+                logits = model(token.unsqueeze(1), cache=cache)[:, -1]
+                used += 1
 
 
 def generate(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling | None = None, *, attention_mask: Tensor | None = None,
              stop_tokens: Sequence[int] = (), pad_id: int | None = None, seed: int | None = None,
-             on_token: Callable[[Tensor], None] | None = None) -> Tensor:
+             on_token: Callable[[Tensor], None] | None = None, sliding: bool = False) -> Tensor:
     """Prompt (B, T) -> prompt followed by the new tokens (B, T + n), n <= max_new_tokens.
 
     A list of token lists is left-padded for you. `on_token` receives each step's tokens (B,)
@@ -194,8 +213,10 @@ def generate(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tok
     ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
     steps = []
     for token in stream(model, ids, max_new_tokens, sampling, attention_mask=attention_mask,
-                        stop_tokens=stop_tokens, pad_id=pad_id, seed=seed):
+                        stop_tokens=stop_tokens, pad_id=pad_id, seed=seed, sliding=sliding):
         steps.append(token)
         if on_token is not None:
             on_token(token)
+    if sliding and ids.shape[1] >= model.config.context_length:  # type: ignore[attr-defined]
+        ids = ids[:, -(model.config.context_length - 1):]  # type: ignore[attr-defined]
     return torch.cat([ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
