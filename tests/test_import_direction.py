@@ -6,9 +6,10 @@ from pathlib import Path
 import tformer
 
 SRC = Path(tformer.__file__).parent
-# config -> tokenizers / data -> nn -> models -> training, inference -> analysis, interop -> cli
-RANK = {"config": 0, "tokenizers": 1, "data": 1, "nn": 2, "models": 3, "training": 4,
-        "inference": 4, "analysis": 5, "interop": 5, "federated": 5, "cli": 6}
+# config -> tokenizers -> data -> nn -> models -> inference -> training -> analysis, interop -> cli
+# (data may use tokenizers; the Trainer's samples use inference)
+RANK = {"config": 0, "tokenizers": 1, "data": 2, "nn": 3, "models": 4, "inference": 5, "training": 6,
+        "analysis": 7, "interop": 7, "federated": 7, "cli": 8, "recipes": 8}
 
 
 def package_of(path: Path) -> str:

@@ -1,0 +1,180 @@
+"""Checkpoints: safetensors weights, optimizer/RNG state loaded with `weights_only=True`, JSON
+config and progress, and a manifest of sizes and hashes. Nothing here unpickles code.
+
+A checkpoint is a folder written atomically: files go to a hidden temporary folder (each
+fsynced), the old folder is moved aside, the new one renamed into place, then the old one
+removed. A crash at any moment leaves the old checkpoint or the new one; `resolve` finds the
+one that survived a crash between the two renames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, STATE, PROGRESS, CONFIG, MANIFEST = ("model.safetensors", "train_state.pt", "progress.json",
+                                              "config.json", "manifest.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds besides the weights (which are loaded into a model in place)."""
+
+    path: Path
+    progress: dict[str, Any]  # step, best validation loss, ... (JSON)
+    config: dict[str, Any]  # the run's configuration (JSON)
+    train_state: dict[str, Any] | None  # optimizer / scheduler / RNG / scaler (tensors + plain data)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def save(path: str | Path, model: nn.Module, *, progress: dict[str, Any], config: dict[str, Any],
+         train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder at `path` atomically (replacing an older one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / WEIGHTS))  # shared (tied) tensors are stored once
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE)
+        _write_json(tmp / PROGRESS, progress)
+        _write_json(tmp / CONFIG, config)
+        files = sorted(p.name for p in tmp.iterdir())
+        _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
+                                            "sha256": _sha256(tmp / name)} for name in files})
+        for name in [*files, MANIFEST]:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve(path: str | Path) -> Path | None:
+    """The checkpoint folder at `path`, or the previous one if a crash came between the renames."""
+    path = Path(path)
+    for debris in path.parent.glob(f".tmp-{path.name}-*"):  # a write that never finished
+        shutil.rmtree(debris, ignore_errors=True)
+    if (path / MANIFEST).is_file():
+        return path
+    survivors = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
+    survivors = [p for p in survivors if (p / MANIFEST).is_file()]
+    if survivors:
+        log.warning("checkpoint %s was being replaced when the run stopped; using the previous "
+                    "one (%s)", path, survivors[-1].name)
+        os.replace(survivors[-1], path)
+        return path
+    return None
+
+
+def verify(path: Path) -> None:
+    """Check every file against the manifest; raise CheckpointError naming the first bad one."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path} is corrupted ({e})") from None
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} is {size} bytes, the manifest says {expected['bytes']}: "
+                                  "it was truncated or replaced; use another checkpoint (e.g. best/)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} does not match its checksum: it is corrupted; use "
+                                  "another checkpoint (e.g. best/)")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {CONFIG}; is it a tformer checkpoint?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG} is corrupted ({e})") from None
+
+
+def load_progress(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads((path / PROGRESS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {PROGRESS}; is it a tformer checkpoint?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / PROGRESS} is corrupted ({e})") from None
+
+
+def load(path: str | Path, model: nn.Module, *, with_train_state: bool = True,
+         device: torch.device | str = "cpu") -> Checkpoint:
+    """Verify the checkpoint, load its weights into `model` (strict) and return the rest."""
+    path = Path(path)
+    verify(path)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path / WEIGHTS} cannot be read as safetensors ({e})") from None
+    except RuntimeError as e:  # shape mismatches from load_state_dict
+        raise CheckpointError(f"{path / WEIGHTS} does not fit this model ({str(e).splitlines()[-1]}); "
+                              "was it saved from another config?") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS} does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}; was it saved from another config?")
+    train_state = None
+    if with_train_state and (path / STATE).is_file():
+        train_state = torch.load(path / STATE, map_location=device, weights_only=True)  # no code runs
+    return Checkpoint(path, load_progress(path), load_config(path), train_state)

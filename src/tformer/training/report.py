@@ -1,0 +1,112 @@
+"""What a run shows a person: a progress line (loss, lr, tokens/s, ETA), `metrics.jsonl`, a
+loss-curve PNG and `samples.txt`, all in the run directory. Only the main rank reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Training and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "train_loss" in row:
+            train.append((row["step"], row["train_loss"]))
+        if "val_loss" in row:
+            val.append((row["step"], row["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+class Reporter:
+    """Writes metrics and plots into `run_dir`; draws a one-line progress display on `stream`."""
+
+    def __init__(self, run_dir: Path, max_steps: int, *, enabled: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.run_dir, self.max_steps, self.enabled = run_dir, max_steps, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.start_time = time.perf_counter()
+        self.start_step: int | None = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget metrics logged after the checkpoint's step (they will be redone)."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step, time.perf_counter()
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
+        width = 24
+        filled = int(width * step / max(1, self.max_steps))
+        bar = "#" * filled + "." * (width - filled)
+        line = (f"\r[{bar}] step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{tokens_per_s:,.0f} tok/s  ETA {format_seconds(eta)} ")
+        self.stream.write(line)
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def plot(self) -> None:
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        try:
+            plot_losses(self.metrics_path, self.run_dir / "loss.png")
+        except ImportError:
+            log.warning("matplotlib is not installed: no loss.png (pip install matplotlib)")
+
+    def samples(self, step: int, texts: list[str]) -> None:
+        if not self.enabled or not texts:
+            return
+        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            for text in texts:
+                f.write(f"--- step {step} ---\n{text}\n")

@@ -1,0 +1,299 @@
+"""One training loop for every model family: a Task supplies batches and the loss.
+
+AdamW with decay groups, warmup + cosine schedule, gradient accumulation, clipping, mixed
+precision, periodic evaluation, best/last checkpoints, early stopping, a guard against
+non-finite losses, exact resume, and DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tformer.config import ConfigError, check_choice, check_positive
+from tformer.training import checkpoint, distributed
+from tformer.training.optim import build_optimizer, learning_rate
+from tformer.training.report import Reporter
+from tformer.training.tasks import Batch, Task
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 12  # sequences per optimizer step, summed over processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 on CPU
+    eval_every: int = 250
+    eval_batches: int = 20
+    checkpoint_every: int | None = None  # None: with every evaluation
+    log_every: int = 10
+    early_stop_patience: int | None = None  # evaluations without improvement before stopping
+    max_bad_steps: int = 3  # non-finite steps in a row before restoring the last checkpoint
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+                     "log_every", "max_bad_steps"):
+            check_positive(name, getattr(self, name))
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                              f"({self.grad_accum})")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_val_loss: float | None
+    last_val_loss: float | None
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message says what to try."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    """`Trainer(model, task, config, run_dir).fit()` trains, evaluates and checkpoints into run_dir."""
+
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *,
+                 run_config: dict[str, Any] | None = None, world: distributed.World | None = None,
+                 reporter: Reporter | None = None) -> None:
+        self.config, self.task = config, task
+        self.world = world or distributed.World(device=distributed.pick_device(config.device))
+        if config.batch_size % (config.grad_accum * self.world.size):
+            raise ConfigError(f"batch_size ({config.batch_size}) must be divisible by grad_accum x "
+                              f"processes ({config.grad_accum} x {self.world.size})")
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config or {}
+        self.model = model.to(self.world.device)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
+                                         (config.beta1, config.beta2))
+        self.amp_dtype = autocast_dtype(config.precision, self.world.device)
+        self.scaler = torch.amp.GradScaler(self.world.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.train_model = distributed.wrap(self.model, self.world)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.reporter = reporter or Reporter(self.run_dir, config.max_steps, enabled=self.world.is_main)
+        self.step, self.best_val_loss, self.last_val_loss, self.evals_without_gain = 0, None, None, 0
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    def _progress(self) -> dict[str, Any]:
+        return {"step": self.step, "best_val_loss": self.best_val_loss,
+                "last_val_loss": self.last_val_loss, "evals_without_gain": self.evals_without_gain}
+
+    def save(self, path: Path, with_train_state: bool = True) -> None:
+        if self.world.is_main:
+            state = None
+            if with_train_state:
+                state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "scaler": self.scaler.state_dict()}
+                if torch.cuda.is_available():
+                    state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            run_config = {**self.run_config, "training": asdict(self.config)}
+            checkpoint.save(path, self.model, progress=self._progress(), config=run_config,
+                            train_state=state)
+        distributed.barrier(self.world)
+
+    def resume(self) -> bool:
+        """Load `checkpoints/last` if present: weights, optimizer, RNG and progress."""
+        path = checkpoint.resolve(self.last_path) if self.world.is_main else self.last_path
+        distributed.barrier(self.world)
+        if path is None or not (self.last_path / checkpoint.MANIFEST).is_file():
+            return False
+        ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
+        if ckpt.train_state is not None:
+            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            self.scaler.load_state_dict(ckpt.train_state["scaler"])
+            torch.set_rng_state(ckpt.train_state["torch_rng"].cpu())
+            if "cuda_rng" in ckpt.train_state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt.train_state["cuda_rng"])
+        p = ckpt.progress
+        self.step, self.best_val_loss = p["step"], p["best_val_loss"]
+        self.last_val_loss, self.evals_without_gain = p["last_val_loss"], p["evals_without_gain"]
+        self.reporter.truncate_after(self.step)
+        log.info("resumed from %s at step %d", self.last_path, self.step)
+        return True
+
+    def _restore_after_bad_steps(self, bad_steps: int) -> None:
+        path = checkpoint.resolve(self.last_path)
+        if path is None:
+            raise TrainingError(f"the loss or gradients were not finite for {bad_steps} steps in a "
+                                "row and there is no checkpoint to go back to; lower training.lr, "
+                                "set training.grad_clip, or check the data")
+        ckpt = checkpoint.load(path, self.model, device=self.world.device)
+        self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+        log.warning("loss was not finite for %d steps in a row: restored the weights and optimizer "
+                    "of %s (step %d) and continue with fresh data from step %d", bad_steps, path,
+                    ckpt.progress["step"], self.step)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.world.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> tuple[float, bool]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, was finite)."""
+        cfg, world = self.config, self.world
+        lr = learning_rate(self.step, lr=cfg.lr, min_lr=cfg.final_lr, warmup_steps=cfg.warmup_steps,
+                           max_steps=cfg.max_steps, schedule=cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=world.device)
+        for micro in range(cfg.grad_accum):
+            batch = self._to_device(self.task.train_batch(self.step * cfg.grad_accum + micro,
+                                                          world.rank, world.size))
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not world.distributed else self.train_model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = self.task.loss(self.train_model, batch) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        health = distributed.mean_across(torch.stack([total, grad_norm.float()]), world)
+        finite = bool(torch.isfinite(health).all())
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(health[0]), finite
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the task's evaluation batches (all processes)."""
+        self.model.eval()
+        losses = []
+        for batch in self.task.eval_batches(self.world.rank, self.world.size):
+            with self._autocast():
+                losses.append(self.task.loss(self.model, self._to_device(batch)).float())
+        self.model.train()
+        return float(distributed.mean_across(torch.stack(losses).mean(), self.world))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> TrainResult:
+        torch.manual_seed(self.config.seed + self.world.rank)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        self.model.train()
+        try:
+            stopped_early = self._loop()
+        except KeyboardInterrupt:
+            self.reporter.end_line()
+            self.save(self.last_path)
+            log.warning("interrupted at step %d; checkpoint saved to %s, run the same command "
+                        "again to resume", self.step, self.last_path)
+            return TrainResult(self.step, self.best_val_loss, self.last_val_loss, interrupted=True)
+        self.reporter.end_line()
+        self.reporter.plot()
+        return TrainResult(self.step, self.best_val_loss, self.last_val_loss, stopped_early)
+
+    def _loop(self) -> bool:
+        cfg = self.config
+        checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+        tokens_per_step = self._tokens_per_step()
+        bad_steps, window_start, window_steps = 0, time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            loss, finite = self.train_step()
+            self.step += 1
+            window_steps += 1
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                log.warning("step %d: non-finite loss or gradient; the update was skipped", self.step)
+                if bad_steps >= cfg.max_bad_steps:
+                    self._restore_after_bad_steps(bad_steps)
+                    bad_steps = 0
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.reporter.log({"step": self.step, "train_loss": loss, "lr": lr,
+                                   "tokens_per_s": tokens_per_s})
+                self.reporter.progress(self.step, loss, lr, tokens_per_s)
+                window_start, window_steps = time.perf_counter(), 0
+            at_end = self.step == cfg.max_steps
+            if self.step % cfg.eval_every == 0 or at_end:
+                if self._evaluate_and_maybe_stop():
+                    self.save(self.last_path)
+                    return True
+            if self.step % checkpoint_every == 0 or at_end:
+                self.save(self.last_path)
+        return False
+
+    def _evaluate_and_maybe_stop(self) -> bool:
+        val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.evals_without_gain = val_loss, 0
+            self.save(self.best_path, with_train_state=False)
+        else:
+            self.evals_without_gain += 1
+        self.reporter.log({"step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss})
+        if self.world.is_main:
+            self.reporter.samples(self.step, self.task.samples(self.model))
+            self.reporter.plot()
+        log.info("step %d: validation loss %.4f (best %.4f)", self.step, val_loss, self.best_val_loss)
+        patience = self.config.early_stop_patience
+        if patience is not None and self.evals_without_gain >= patience:
+            log.info("early stop at step %d: no improvement in %d evaluations", self.step, patience)
+            return True
+        return False
+
+    def _tokens_per_step(self) -> int:
+        sample = self.task.train_batch(0, 0, 1)
+        first = next(iter(sample.values()))
+        per_row = first[0].numel() if first.dim() > 1 else 1
+        return self.config.batch_size * per_row
