@@ -1,5 +1,5 @@
-"""Beam search finds what exhaustive enumeration finds, reduces to greedy at width 1, and gives the
-same hypotheses for a prompt alone or in a left-padded batch."""
+"""Beam search finds what exhaustive enumeration finds, reduces to greedy at width 1, gives the
+same hypotheses for a prompt alone or in a left-padded batch, and matches transformers' beam search."""
 
 import itertools
 import math
@@ -87,14 +87,14 @@ def test_width_one_is_greedy(model):
     assert [hyps[0].tokens for hyps in result] == greedy.tolist()
 
 
-def test_batched_left_padded_prompts_match_each_alone(model):
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_batched_left_padded_prompts_match_each_alone(model, early_stopping):
     prompts = [[1, 2, 3, 4, 0], [2], [3, 1]]
     ids, mask = pad_prompts(prompts)
-    batched = beam_search(model, ids, 4, 6, attention_mask=mask, eos_token=0, n_best=4,
-                          early_stopping=False)
+    kwargs = dict(eos_token=0, n_best=4, early_stopping=early_stopping)
+    batched = beam_search(model, ids, 4, 6, attention_mask=mask, **kwargs)
     for prompt, hyps in zip(prompts, batched):
-        [alone] = beam_search(model, torch.tensor([prompt]), 4, 6, eos_token=0, n_best=4,
-                              early_stopping=False)
+        [alone] = beam_search(model, torch.tensor([prompt]), 4, 6, **kwargs)
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-5)
 
@@ -127,6 +127,49 @@ def test_searching_on_never_does_worse(model):
     assert searched.score >= stopped.score - 1e-6
 
 
+def test_fewer_continuations_than_n_best(model):
+    """One new token has only V continuations: the filler beams (-inf) are not returned."""
+    hyps = beam_search(model, [PROMPT], 2 * V, 1, eos_token=0, n_best=2 * V)[0]
+    assert sorted(h.tokens for h in hyps) == [[t] for t in range(V)]
+    assert all(math.isfinite(h.score) for h in hyps)
+
+
+# (beam_width, max_new_tokens, length_penalty, early_stopping, eos_token) for the parity test.
+# early_stopping=False cases that need the right bound: with lp > 0 HF's cur-len heuristic
+# stops too soon on (3, 8, 2.0) and (2, 12, 3.0); with lp < 0 a max-len bound stops too soon
+# on (3, 8, -2.0). (2, 4, 1.0, True, 3): a prompt fills up at the last step, where live beams
+# still compete.
+HF_CASES = [(2, 6, 1.0, True, 3), (2, 4, 1.0, True, 3), (3, 6, 1.0, False, 3),
+            (3, 8, 2.0, False, 4), (3, 5, 0.0, True, 0), (2, 12, 3.0, False, 2),
+            (3, 8, -2.0, False, 2), (3, 5, 1.0, False, None), (5, 9, 0.5, True, 2)]
+
+
+@pytest.mark.parametrize("width, n, length_penalty, early_stopping, eos", HF_CASES)
+def test_matches_transformers_beam_search(tmp_path, width, n, length_penalty, early_stopping, eos):
+    """Parity with Hugging Face's beam search on the same weights exported as GPT-2; our
+    early_stopping=False is its "never" (an exact bound), True is its True."""
+    transformers = pytest.importorskip("transformers")
+    from tformer.interop import save_gpt2
+
+    torch.manual_seed(1)
+    model = build_model("gpt-nano", vocab_size=V, n_layers=2, init_std=0.3).eval()  # peakier
+    hf = transformers.GPT2LMHeadModel.from_pretrained(save_gpt2(model, tmp_path / "gpt2")).eval()
+    ids, mask = pad_prompts([[1, 2, 3, 4, 0], [2], [3, 1]])
+    ours = beam_search(model, ids, width, n, attention_mask=mask, length_penalty=length_penalty,
+                       early_stopping=early_stopping, eos_token=eos, n_best=width)
+    out = hf.generate(ids, attention_mask=mask.long(), num_beams=width, num_return_sequences=width,
+                      max_new_tokens=n, do_sample=False, length_penalty=length_penalty,
+                      early_stopping=early_stopping or "never", eos_token_id=eos,
+                      pad_token_id=0 if eos is None else eos, output_scores=True,
+                      return_dict_in_generate=True)
+    sequences = out.sequences[:, ids.shape[1]:].view(len(ours), width, -1).tolist()
+    scores = out.sequences_scores.view(len(ours), width).tolist()
+    for hyps, hf_sequences, hf_scores in zip(ours, sequences, scores):
+        hf_tokens = [s[:s.index(eos) + 1] if eos in s else s for s in hf_sequences]  # drop padding
+        assert [h.tokens for h in hyps] == hf_tokens
+        assert [h.score for h in hyps] == pytest.approx(hf_scores, rel=1e-5, abs=1e-4)
+
+
 def test_restores_training_mode(model):
     model.train()
     try:
@@ -155,5 +198,7 @@ def test_bad_input(model, kwargs, message):
 def test_bad_prompt(model):
     with pytest.raises(ValueError, match="empty"):
         beam_search(model, torch.tensor([[1, 2]]), 2, 3, attention_mask=torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="left-padded"):
+        beam_search(model, torch.tensor([[1, 2, 0]]), 2, 3, attention_mask=torch.tensor([[1, 1, 0]]))
     with pytest.raises(ValueError):
         beam_search(model, torch.tensor([[1, V]]), 2, 3)  # token outside the vocabulary

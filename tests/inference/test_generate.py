@@ -125,3 +125,13 @@ def test_sliding_generation_past_the_context_recomputes_the_last_half(model):
     assert out[0].tolist() == seq
     with pytest.raises(ValueError, match="sliding=True"):
         generate(model, [prompt], n)
+
+
+def test_streaming_does_not_leak_inference_mode_to_the_caller(model):
+    for _ in stream(model, [[1, 2]], 3):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+
+
+def test_right_padding_is_refused(model):
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, torch.tensor([[1, 2, 0]]), 2, attention_mask=torch.tensor([[1, 1, 0]]))

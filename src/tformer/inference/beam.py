@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from tformer.inference.generate import CausalLM, evaluating, prepare_prompt
+from tformer.nn import KVCache
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _select(scores: Tensor, width: int, eos_token: int | None) -> tuple[Tensor, 
     top_scores, top_ids = scores.topk(k, dim=-1)  # (B, k), sorted
     vocab = scores.shape[1] // width
     rank = torch.arange(k, device=scores.device).expand_as(top_ids)
-    ends = (top_ids % vocab == eos_token) if eos_token is not None else torch.zeros_like(rank, dtype=torch.bool)
+    ends = top_ids % vocab == (-1 if eos_token is None else eos_token)  # (B, k) bool
     live = (rank + k * ends.long()).argsort(dim=-1)[:, :width]  # non-eos first, in rank order
     return top_scores, top_ids, live
 
@@ -91,22 +92,18 @@ def beam_search(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], beam_wid
     Returns one list per prompt of up to n_best hypotheses, best score first (fewer only when
     fewer distinct continuations exist). A hypothesis ends at eos or after max_new_tokens.
     early_stopping=True: a prompt stops once W hypotheses have finished; False: once no live beam
-    can beat the worst kept one (see `_Finished.is_done` for the bound). Follows Hugging Face's
-    BeamSearchScorer: of the top 2W candidates, eos ones ranked within the top W finish, the W
-    best others continue; live beams are added as hypotheses at the end.
+    can beat the worst kept one (see `_Finished.is_done` for the bound). As in transformers'
+    beam search: of the top 2W candidates, eos ones ranked within the top W finish and the W best
+    others continue; after the last step the live beams of prompts still open are hypotheses too,
+    competing with those that ended in eos at that step.
     """
     ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens)
     _check_args(model, beam_width, n_best, eos_token, length_penalty)
-    B, T = ids.shape
-    W = beam_width
+    B, W = ids.shape[0], beam_width
     finished = [_Finished(W, length_penalty) for _ in range(B)]
     done = [False] * B
     with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]
-        cache = model.new_cache(B, T + max_new_tokens)
-        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V): prefill once
-        expand = torch.arange(B, device=ids.device).repeat_interleave(W)  # (B * W,)
-        cache.reorder(expand)
-        logits = logits.index_select(0, expand)  # (B * W, V)
+        cache, logits = _prefill(model, ids, mask, W, max_new_tokens)  # logits: (B * W, V)
         beam_scores = torch.full((B, W), -math.inf, device=ids.device)
         beam_scores[:, 0] = 0.0  # only beam 0 is live at first, so no duplicate beams
         history = torch.zeros(B * W, 0, dtype=torch.long, device=ids.device)  # (B * W, step)
@@ -115,20 +112,35 @@ def beam_search(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], beam_wid
             V = log_probs.shape[-1]
             scores = (beam_scores.unsqueeze(-1) + log_probs.view(B, W, V)).view(B, W * V)
             top_scores, top_ids, live = _select(scores, W, eos_token)  # (B, 2W), (B, 2W), (B, W)
-            parents = torch.arange(B, device=ids.device).unsqueeze(1) * W + top_ids // V  # (B, 2W) rows
+            parents = torch.arange(B, device=ids.device).unsqueeze(1) * W + top_ids // V  # (B, 2W)
             _finish_eos(finished, done, history, top_scores, top_ids, parents, W, V, eos_token)
             beam_scores = top_scores.gather(1, live)  # (B, W)
             rows = parents.gather(1, live).view(-1)  # (B * W,) the parent row of each new beam
             tokens = (top_ids.gather(1, live) % V).view(-1, 1)  # (B * W, 1)
             history = torch.cat([history.index_select(0, rows), tokens], dim=1)
+            if step == max_new_tokens - 1:  # live beams are complete too: `_collect` adds them
+                break
+            best_live = beam_scores.max(dim=1).values.tolist()  # (B,): one device sync
             for b in range(B):
-                done[b] = done[b] or finished[b].is_done(
-                    float(beam_scores[b].max()), step + 1, max_new_tokens, early_stopping)
-            if all(done) or step == max_new_tokens - 1:
+                done[b] = done[b] or finished[b].is_done(best_live[b], step + 1, max_new_tokens,
+                                                         early_stopping)
+            if all(done):
                 break
             cache.reorder(rows)
             logits = model(tokens, cache=cache)[:, -1]  # (B * W, V)
     return _collect(finished, done, history, beam_scores, n_best)
+
+
+def _prefill(model: CausalLM, ids: Tensor, mask: Tensor, width: int,
+             max_new_tokens: int) -> tuple[KVCache, Tensor]:
+    """Run the B prompts once, then copy each prompt's cache row and last logits to its W beams.
+    Returns the cache (batch B * W) and the next-token logits (B * W, V)."""
+    B, T = ids.shape
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+    expand = torch.arange(B, device=ids.device).repeat_interleave(width)  # (B * W,): 0,0,..,1,1,..
+    cache.reorder(expand)
+    return cache, logits.index_select(0, expand)
 
 
 def _finish_eos(finished: list[_Finished], done: list[bool], history: Tensor, top_scores: Tensor,

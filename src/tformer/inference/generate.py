@@ -110,9 +110,13 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
     `sliding`, a prompt longer than the context keeps its last context - 1 tokens."""
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     if not isinstance(ids, Tensor):
+        if attention_mask is not None:
+            raise ValueError("give either token lists (padded for you) or a tensor with its "
+                             "attention_mask, not token lists with a mask")
         ids, attention_mask = pad_prompts(ids, device=device)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"the prompt must be a non-empty (batch, length) tensor, got {tuple(ids.shape)}")
     mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -121,6 +125,9 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
                          f"{tuple(ids.shape)}")
     if not bool(mask.any(-1).all()):
         raise ValueError("a prompt in the batch is empty (all padding): give at least one token")
+    if not bool(mask[:, -1].all()):  # the next token is read off the last position
+        raise ValueError("prompts must be left-padded: the last position of every row must be a "
+                         "real token (pad_prompts does this)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     context = model.config.context_length  # type: ignore[attr-defined]
@@ -173,29 +180,36 @@ def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_token
     if sampling.repetition_penalty != 1.0:
         counts = torch.zeros(B, vocab, dtype=torch.long, device=ids.device)
         seen = counts.scatter_add_(1, ids, mask.long()) > 0  # (B, V): token occurs in the prompt
-    with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]
-        cache = model.new_cache(B, cache_len)
-        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    was_training = model.training  # type: ignore[attr-defined]
+    model.eval()  # type: ignore[attr-defined]
+    try:  # grad mode is set per call, not across `yield`, so the caller's code runs unaffected
+        with torch.inference_mode():
+            cache = model.new_cache(B, cache_len)
+            logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
         used, finished = T, torch.zeros(B, dtype=torch.bool, device=ids.device)
         for step in range(max_new_tokens):
-            token = choose_next(logits, sampling, seen, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
+            with torch.inference_mode():
+                token = choose_next(logits, sampling, seen, generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
             yield token
-            finished |= torch.isin(token, stop)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                return
-            if seen is not None:
-                seen[torch.arange(B), token] = True
-            ids = torch.cat([ids, token.unsqueeze(1)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if used == cache_len:  # only when sliding: restart from the last half context
-                keep = max(1, context // 2)
-                cache = model.new_cache(B, cache_len)
-                logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
-                used = keep
-            else:
-                logits = model(token.unsqueeze(1), cache=cache)[:, -1]
-                used += 1
+            with torch.inference_mode():
+                finished |= torch.isin(token, stop)
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    return
+                if seen is not None:
+                    seen[torch.arange(B), token] = True
+                ids = torch.cat([ids, token.unsqueeze(1)], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                if used == cache_len:  # only when sliding: restart from the last half context
+                    keep = max(1, context // 2)
+                    cache = model.new_cache(B, cache_len)
+                    logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
+                    used = keep
+                else:
+                    logits = model(token.unsqueeze(1), cache=cache)[:, -1]
+                    used += 1
+    finally:
+        model.train(was_training)  # type: ignore[attr-defined]
 
 
 def generate(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
