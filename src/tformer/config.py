@@ -15,9 +15,20 @@ class ConfigError(ValueError):
     """A configuration is inconsistent or names something unknown; the message says how to fix it."""
 
 
+# names other toolkits use (nanoGPT, Hugging Face) for what tformer calls otherwise
+KNOWN_ALIASES = {"learning_rate": "lr", "n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model",
+                 "hidden_size": "d_model", "block_size": "context_length", "n_positions": "context_length",
+                 "max_iters": "max_steps", "warmup_iters": "warmup_steps", "n_inner": "d_ff",
+                 "gradient_accumulation_steps": "grad_accum", "eval_interval": "eval_every",
+                 "log_interval": "log_every", "eval_iters": "eval_batches"}
+
+
 def did_you_mean(name: str, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
-    close = difflib.get_close_matches(name, list(options), n=1)
+    options = list(options)
+    if KNOWN_ALIASES.get(name) in options:
+        return f" (did you mean {KNOWN_ALIASES[name]!r}?)"
+    close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

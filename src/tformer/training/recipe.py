@@ -133,7 +133,7 @@ def build_tokenizer(spec: TokenizerSpec, source: str, run_dir: Path) -> Tokenize
     elif spec.kind == "char":
         tokenizer = CharTokenizer.train(load_text(source))
     else:
-        tokenizer = BPETokenizer.train([load_text(source)], vocab_size=spec.vocab_size,
+        tokenizer = BPETokenizer.train(iter([load_text(source)]), vocab_size=spec.vocab_size,
                                        special_tokens=spec.special_tokens)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(saved)
@@ -146,6 +146,7 @@ def prepare(recipe: Recipe) -> tuple[nn.Module, Task, Tokenizer, dict[str, Any]]
     tokenizer = build_tokenizer(recipe.tokenizer, recipe.data.source, run_dir)
     overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
     config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
     model = FAMILIES[family_of(config)][1](config)
     corpus = TokenizedCorpus.build(recipe.data.source, tokenizer, _token_cache_dir(recipe.data),
                                    val_fraction=recipe.data.val_fraction)

