@@ -81,7 +81,12 @@ def cmd_data_list(args: argparse.Namespace) -> None:
     from tformer.data.datasets import list_datasets
 
     for info in list_datasets():
-        where = str(info.location) if info.available else "not here (tformer data fetch NAME)"
+        if info.available:
+            where = str(info.location)
+        elif info.fetchable:
+            where = f"not here: tformer data fetch {info.name}"
+        else:
+            where = "not here: set TFORMER_DATA_DIR (see its README)"
         print(f"{info.name:<18} {info.description[:58]:<58} {where}")
 
 
