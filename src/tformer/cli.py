@@ -118,8 +118,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     model, tokenizer, _ = load_run(recipe.run_dir, "best")
     out = generate(model, [tokenizer.encode("\n")], 400, Sampling(temperature=0.8, top_k=200),
                    seed=0, sliding=True)
+    sample = tokenizer.decode(out[0].tolist())
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss "
-          f"{_fmt(result.best_val_loss)} (nats/char)\n\n--- a sample ---{tokenizer.decode(out[0].tolist())}\n")
+          f"{_fmt(result.best_val_loss)} (nats/char)\n\n--- a sample ---{sample}\n")
     print(f"run directory: {Path(recipe.run_dir).resolve()} (metrics.jsonl, loss.png, samples.txt, "
           f"checkpoints/)\nmore: tformer generate {recipe.run_dir} --prompt 'ROMEO:'")
 

@@ -75,7 +75,8 @@ def _yaml_loader() -> type:
     class Loader(yaml.SafeLoader):
         pass
 
-    float_pattern = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+    float_pattern = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
+                               r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_pattern, list("-+0123456789."))
     return Loader
 

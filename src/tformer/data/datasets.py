@@ -7,7 +7,6 @@ Resolution order for `resolve_dataset(name)`: `$TFORMER_DATA_DIR/<path>`, then t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Mapping, Optional
 
 from tformer.config import ConfigError, did_you_mean
 from tformer.data import fetchers
+from tformer.files import fsync_file, sha256_file
 from tformer.data.fetchers import FetchError, Progress, Recipe
 
 log = logging.getLogger(__name__)
@@ -189,27 +189,18 @@ def list_datasets(data_dir: str | Path | None = None,
     return rows
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_and_sync(spec: DatasetSpec, staged: Path) -> None:
     """Check the staged copy (complete, checksums) and fsync its files before it is renamed."""
     if not is_complete(spec, staged):
         raise FetchError(f"fetching {spec.name!r} did not produce {spec.path} (with {list(spec.files)})")
     for rel, expected in spec.sha256.items():
         member = staged / Path(rel).relative_to(spec.path) if spec.files else staged
-        actual = _sha256(member)
+        actual = sha256_file(member)
         if actual != expected:
             raise FetchError(f"{rel} fetched from {spec.source} has sha256 {actual}, expected {expected}; "
                              "nothing was written to the cache")
     for member in [staged / name for name in spec.files] or [staged]:
-        with open(member, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(member)
 
 
 def _install(staged: Path, target: Path, scratch: Path) -> None:

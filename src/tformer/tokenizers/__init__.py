@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from tformer.config import check_choice
-from tformer.tokenizers.base import Tokenizer, read_json
+from tformer.files import read_json
+from tformer.tokenizers.base import Tokenizer
 from tformer.tokenizers.bpe import KIND as BPE_KIND
 from tformer.tokenizers.bpe import BPETokenizer, Source, split_source
 from tformer.tokenizers.chars import KIND as CHARS_KIND

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tformer.config import check_choice
-from tformer.tokenizers.base import json_fingerprint, read_json, write_json_atomic
+from tformer.files import read_json, write_json_atomic
+from tformer.tokenizers.base import json_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tformer.tokenizers.base import json_fingerprint, read_json, write_json_atomic
+from tformer.files import read_json, write_json_atomic
+from tformer.tokenizers.base import json_fingerprint
 
 KIND = "tformer.chars"
 

@@ -10,7 +10,8 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from tformer.tokenizers.base import json_fingerprint, read_json, write_json_atomic
+from tformer.files import read_json, write_json_atomic
+from tformer.tokenizers.base import json_fingerprint
 from tformer.tokenizers.bpe import find_eos_id
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ one that survived a crash between the two renames.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from tformer.files import fsync_dir, fsync_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +45,6 @@ class Checkpoint:
     train_state: dict[str, Any] | None  # optimizer / scheduler / RNG / scaler (tensors + plain data)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
@@ -84,15 +64,15 @@ def save(path: str | Path, model: nn.Module, *, progress: dict[str, Any], config
         _write_json(tmp / CONFIG, config)
         files = sorted(p.name for p in tmp.iterdir())
         _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
-                                            "sha256": _sha256(tmp / name)} for name in files})
+                                            "sha256": sha256_file(tmp / name)} for name in files})
         for name in [*files, MANIFEST]:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +114,7 @@ def verify(path: Path) -> None:
         if size != expected["bytes"]:
             raise CheckpointError(f"{file} is {size} bytes, the manifest says {expected['bytes']}: "
                                   "it was truncated or replaced; use another checkpoint (e.g. best/)")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file} does not match its checksum: it is corrupted; use "
                                   "another checkpoint (e.g. best/)")
 

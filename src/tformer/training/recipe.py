@@ -152,7 +152,7 @@ def prepare(recipe: Recipe) -> tuple[nn.Module, Task, Tokenizer, dict[str, Any]]
                                    val_fraction=recipe.data.val_fraction)
     t = recipe.training
     task = CausalLMTask(corpus.train, corpus.val, context=config.context_length,
-                        micro_batch_size=t.batch_size // t.grad_accum, seed=t.seed,
+                        batch_size=t.batch_size, seed=t.seed,
                         n_eval_batches=t.eval_batches, tokenizer=tokenizer,
                         sample_prompt=recipe.sample.prompt, sample_tokens=recipe.sample.tokens)
     run_config = {"recipe": recipe.to_dict(), "model_family": family_of(config),
@@ -215,7 +215,7 @@ def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
                                    val_fraction=recipe.data.val_fraction)
     t = recipe.training
     task = CausalLMTask(corpus.train, corpus.val, context=model.config.context_length,
-                        micro_batch_size=t.batch_size // t.grad_accum, seed=t.seed,
+                        batch_size=t.batch_size, seed=t.seed,
                         n_eval_batches=t.eval_batches)
     with torch.no_grad():
         losses = [float(task.loss(model, batch)) for batch in task.eval_batches(0, 1)]

@@ -1,13 +1,15 @@
-"""A Task binds data, model and loss. The Trainer asks it for batches (a pure function of the
-batch index, so resuming and multi-process runs see exactly the batches a plain run sees), for
-the loss of a batch, and for samples a person can read."""
+"""A Task binds data, model and loss. The Trainer asks it for batches, for the loss of a batch,
+and for samples a person can read.
+
+A step's global batch is a pure function of the step number; gradient accumulation and
+processes only split it into shards. So a resumed run, a run with accumulation and a run on
+several processes all see exactly the batches of one plain run."""
 
 from __future__ import annotations
 
 from typing import Iterable, Protocol
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,8 +23,8 @@ Batch = dict[str, Tensor]
 class Task(Protocol):
     name: str
 
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        """Micro-batch number `index` of the run; this rank's share of the global micro-batch."""
+    def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
+        """Shard `shard` of `n_shards` equal parts of step `step`'s global batch."""
         ...
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]: ...
@@ -43,21 +45,21 @@ class CausalLMTask:
     name = "causal_lm"
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, context: int,
-                 micro_batch_size: int, seed: int, n_eval_batches: int = 20,
+                 batch_size: int, seed: int, n_eval_batches: int = 20,
                  tokenizer: Tokenizer | None = None, sample_prompt: str = "\n",
                  sample_tokens: int = 200) -> None:
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
-        self.context, self.micro_batch_size, self.seed = context, micro_batch_size, seed
+        self.context, self.batch_size, self.seed = context, batch_size, seed
         self.n_eval_batches = n_eval_batches
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
 
-    def train_batch(self, index: int, rank: int, world_size: int) -> Batch:
-        x, y = causal_lm_batch(self.train_tokens, self.micro_batch_size, self.context, index,
-                               self.seed, rank=rank, world_size=world_size)
+    def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
+        x, y = causal_lm_batch(self.train_tokens, self.batch_size, self.context, step, self.seed,
+                               rank=shard, world_size=n_shards)
         return {"ids": x, "targets": y}
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
-        for x, y in eval_batches(self.val_tokens, self.micro_batch_size, self.context,
+        for x, y in eval_batches(self.val_tokens, self.batch_size, self.context,
                                  self.n_eval_batches, self.seed):
             rows = x.shape[0] // world_size  # each rank scores its share
             yield {"ids": x[rank * rows:(rank + 1) * rows], "targets": y[rank * rows:(rank + 1) * rows]}

@@ -189,8 +189,8 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=world.device)
         for micro in range(cfg.grad_accum):
-            batch = self._to_device(self.task.train_batch(self.step * cfg.grad_accum + micro,
-                                                          world.rank, world.size))
+            shard = micro * world.size + world.rank  # of grad_accum x processes equal shards
+            batch = self._to_device(self.task.train_batch(self.step, shard, cfg.grad_accum * world.size))
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not world.distributed else self.train_model.no_sync()
             with sync:
@@ -293,7 +293,5 @@ class Trainer:
         return False
 
     def _tokens_per_step(self) -> int:
-        sample = self.task.train_batch(0, 0, 1)
-        first = next(iter(sample.values()))
-        per_row = first[0].numel() if first.dim() > 1 else 1
-        return self.config.batch_size * per_row
+        first = next(iter(self.task.train_batch(0, 0, 1).values()))  # the whole global batch
+        return first.numel()
