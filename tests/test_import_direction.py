@@ -9,7 +9,7 @@ SRC = Path(tformer.__file__).parent
 # config -> tokenizers -> data -> nn -> models -> inference -> training -> analysis, interop -> cli
 # (data may use tokenizers; the Trainer's samples use inference)
 RANK = {"config": 0, "files": 0, "tokenizers": 1, "data": 2, "nn": 3, "models": 4, "inference": 5,
-        "training": 6, "analysis": 7, "interop": 7, "federated": 7, "cli": 8, "__main__": 8}
+        "training": 6, "analysis": 7, "interop": 7, "federated": 7, "cli": 8, "__main__": 9}
 
 
 def package_of(path: Path) -> str:
