@@ -7,33 +7,31 @@
     training: {max_steps: 2000, batch_size: 12, lr: 1.0e-3}
     run_dir: runs/shakespeare-char
 
-`prepare(recipe)` builds the tokenizer (trained once, then kept in the run directory), the
-tokenized corpus (cached), the model and the Task; `load_run(run_dir)` brings a trained model
-and its tokenizer back for generation and evaluation.
+The task's module (`tasks.TASK_MODULES`) defines what its data section holds and builds the
+model and Task; this file validates the recipe, keeps the tokenizer in the run directory, and
+brings trained runs back (`load_run`) for generation and evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
+import importlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Callable, Iterable
 
-import torch
 from torch import nn
 
-from tformer.config import (ConfigError, apply_overrides, check_choice, check_fraction, did_you_mean,
-                            from_dict, load_mapping)
-from tformer.data.text import TokenizedCorpus, load_text
-from tformer.models import FAMILIES, family_of, get_config
+from tformer.config import (ConfigError, apply_overrides, check_choice, did_you_mean, from_dict,
+                            load_mapping)
+from tformer.models import FAMILIES, get_config
 from tformer.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from tformer.training import checkpoint, distributed
-from tformer.training.tasks import CausalLMTask, Task
+from tformer.training.tasks import TASK_MODULES, Prepared
 from tformer.training.trainer import TrainConfig, Trainer, TrainResult
 
-TASKS = ("causal_lm",)
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -41,7 +39,7 @@ TOKENIZER_FILE = "tokenizer.json"
 class TokenizerSpec:
     kind: str = "char"  # char | bpe | file
     vocab_size: int = 4096  # bpe only
-    path: str | None = None  # kind=file: a tokenizer JSON (tformer or Hugging Face)
+    path: str | None = None  # kind=file: a tokenizer JSON (tformer or Hugging Face tokenizer.json)
     special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe only
 
     def __post_init__(self) -> None:
@@ -49,16 +47,6 @@ class TokenizerSpec:
         if self.kind == "file" and not self.path:
             raise ConfigError("tokenizer.kind=file needs tokenizer.path (a tokenizer JSON file)")
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "shakespeare"  # a named dataset, a text file or a folder of .txt files
-    val_fraction: float = 0.1
-    cache_dir: str | None = None  # None: $TFORMER_CACHE_DIR or ~/.cache/tformer/tokens
-
-    def __post_init__(self) -> None:
-        check_fraction("data.val_fraction", self.val_fraction)
 
 
 @dataclass(frozen=True)
@@ -71,8 +59,8 @@ class SampleSpec:
 class Recipe:
     task: str
     model: dict[str, Any]
+    data: Any  # the task module's DataSpec
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
-    data: DataSpec = field(default_factory=DataSpec)
     training: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleSpec = field(default_factory=SampleSpec)
     run_dir: str = "runs/default"
@@ -82,30 +70,40 @@ class Recipe:
 
 
 SECTIONS: dict[str, type | None] = {"task": None, "model": None, "tokenizer": TokenizerSpec,
-                                    "data": DataSpec, "training": TrainConfig, "sample": SampleSpec,
+                                    "data": None, "training": TrainConfig, "sample": SampleSpec,
                                     "run_dir": None}
+
+
+def task_module(name: str) -> ModuleType:
+    check_choice("task", name, TASK_MODULES)
+    return importlib.import_module(TASK_MODULES[name])
+
+
+def _section(data: dict[str, Any], name: str, cls: type, where: str) -> Any:
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"section {name!r} of {where} must be a mapping of keys to values")
+    return from_dict(cls, section, where=f"the {name} section of {where}")
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     """Validate sections and keys; unknown ones are named with a suggestion."""
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r} in {where}{did_you_mean(unknown[0], SECTIONS)}; "
-                          f"sections: {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown section {unknown[0]!r} in {where}"
+                          f"{did_you_mean(unknown[0], SECTIONS)}; sections: {', '.join(SECTIONS)}")
     if "task" not in data or "model" not in data:
-        raise ConfigError(f"{where} needs a 'task' ({', '.join(TASKS)}) and a 'model' section")
-    check_choice("task", data["task"], TASKS)
+        raise ConfigError(f"{where} needs a 'task' ({', '.join(TASK_MODULES)}) and a 'model' section")
+    module = task_module(data["task"])
     model = data["model"]
     if not isinstance(model, dict) or "preset" not in model:
         raise ConfigError(f"the model section of {where} needs a preset, e.g. model: {{preset: gpt-mini}}")
-    values = {"task": data["task"], "model": dict(model), "run_dir": str(data.get("run_dir", "runs/default"))}
-    for name in ("tokenizer", "data", "training", "sample"):
-        section = data.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"section {name!r} of {where} must be a mapping of keys to values")
-        values[name] = from_dict(SECTIONS[name], section, where=f"the {name} section of {where}")
     get_config(model["preset"], **{k: v for k, v in model.items() if k != "preset"})  # validate now
-    return Recipe(**values)
+    return Recipe(task=data["task"], model=dict(model), run_dir=str(data.get("run_dir", "runs/default")),
+                  data=_section(data, "data", module.DataSpec, where),
+                  tokenizer=_section(data, "tokenizer", TokenizerSpec, where),
+                  training=_section(data, "training", TrainConfig, where),
+                  sample=_section(data, "sample", SampleSpec, where))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -116,48 +114,33 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(data, where=str(path))
 
 
-def _token_cache_dir(spec: DataSpec) -> Path:
-    if spec.cache_dir:
-        return Path(spec.cache_dir)
-    root = os.environ.get("TFORMER_CACHE_DIR") or Path.home() / ".cache" / "tformer"
-    return Path(root) / "tokens"
+def tokenizer_maker(spec: TokenizerSpec, run_dir: Path) -> Callable[[Callable[[], Iterable[str]]], Tokenizer]:
+    """`make(texts)`: the run's tokenizer, reused from the run directory when resuming, else
+    built from `texts()` (called only when training one) and saved there."""
+    def make(texts: Callable[[], Iterable[str]]) -> Tokenizer:
+        saved = run_dir / TOKENIZER_FILE
+        if saved.is_file():
+            return load_tokenizer(saved)
+        if spec.kind == "file":
+            tokenizer = load_tokenizer(spec.path)
+        elif spec.kind == "char":
+            tokenizer = CharTokenizer.train(texts())
+        else:
+            tokenizer = BPETokenizer.train(iter(texts()), vocab_size=spec.vocab_size,
+                                           special_tokens=spec.special_tokens)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(saved)
+        return tokenizer
+
+    return make
 
 
-def build_tokenizer(spec: TokenizerSpec, source: str, run_dir: Path) -> Tokenizer:
-    """The run's tokenizer: reused from the run directory when resuming, else built and saved."""
-    saved = run_dir / TOKENIZER_FILE
-    if saved.is_file():
-        return load_tokenizer(saved)
-    if spec.kind == "file":
-        tokenizer = load_tokenizer(spec.path)
-    elif spec.kind == "char":
-        tokenizer = CharTokenizer.train(load_text(source))
-    else:
-        tokenizer = BPETokenizer.train(iter([load_text(source)]), vocab_size=spec.vocab_size,
-                                       special_tokens=spec.special_tokens)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(saved)
-    return tokenizer
-
-
-def prepare(recipe: Recipe) -> tuple[nn.Module, Task, Tokenizer, dict[str, Any]]:
-    """Model, task, tokenizer and the run configuration stored with every checkpoint."""
-    run_dir = Path(recipe.run_dir)
-    tokenizer = build_tokenizer(recipe.tokenizer, recipe.data.source, run_dir)
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
-    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
-    model = FAMILIES[family_of(config)][1](config)
-    corpus = TokenizedCorpus.build(recipe.data.source, tokenizer, _token_cache_dir(recipe.data),
-                                   val_fraction=recipe.data.val_fraction)
-    t = recipe.training
-    task = CausalLMTask(corpus.train, corpus.val, context=config.context_length,
-                        batch_size=t.batch_size, seed=t.seed,
-                        n_eval_batches=t.eval_batches, tokenizer=tokenizer,
-                        sample_prompt=recipe.sample.prompt, sample_tokens=recipe.sample.tokens)
-    run_config = {"recipe": recipe.to_dict(), "model_family": family_of(config),
-                  "model_config": dataclasses.asdict(config)}
-    return model, task, tokenizer, run_config
+def prepare(recipe: Recipe) -> Prepared:
+    """Model, task and tokenizer of a recipe, and the run configuration stored with checkpoints."""
+    make_tokenizer = tokenizer_maker(recipe.tokenizer, Path(recipe.run_dir))
+    prepared = task_module(recipe.task).prepare(recipe, make_tokenizer)
+    prepared.model_record = {"recipe": recipe.to_dict(), **prepared.model_record}
+    return prepared
 
 
 def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
@@ -181,8 +164,6 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Token
 
 def _clear_run(run_dir: Path) -> None:
     """--fresh: forget earlier checkpoints, metrics, samples and the tokenizer of this run."""
-    import shutil
-
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     for name in ("metrics.jsonl", "samples.txt", "loss.png", TOKENIZER_FILE):
         (run_dir / name).unlink(missing_ok=True)
@@ -198,28 +179,20 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
             _clear_run(run_dir)
         if not world.is_main:
             distributed.barrier(world)
-        model, task, _, run_config = prepare(recipe)
+        prepared = prepare(recipe)
         if world.is_main:
             distributed.barrier(world)
-        trainer = Trainer(model, task, recipe.training, run_dir, run_config=run_config, world=world)
+        trainer = Trainer(prepared.model, prepared.task, recipe.training, run_dir,
+                          run_config=prepared.model_record, world=world)
         return trainer.fit(resume=not fresh)
     finally:
         distributed.teardown(world)
 
 
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
-    """Validation loss and perplexity of a trained run on its own validation split."""
+    """The task's evaluation (e.g. validation loss and perplexity) of a trained run."""
     model, tokenizer, run_config = load_run(run_dir, which)
     recipe = recipe_from_dict(run_config["recipe"], where=f"{run_dir} (saved recipe)")
-    corpus = TokenizedCorpus.build(recipe.data.source, tokenizer, _token_cache_dir(recipe.data),
-                                   val_fraction=recipe.data.val_fraction)
-    t = recipe.training
-    task = CausalLMTask(corpus.train, corpus.val, context=model.config.context_length,
-                        batch_size=t.batch_size, seed=t.seed,
-                        n_eval_batches=t.eval_batches)
-    with torch.no_grad():
-        losses = [float(task.loss(model, batch)) for batch in task.eval_batches(0, 1)]
-    val_loss = sum(losses) / len(losses)
     progress = checkpoint.load_progress(Path(run_dir) / "checkpoints" / which)
-    return {"checkpoint": which, "step": progress["step"], "val_loss": val_loss,
-            "perplexity": math.exp(val_loss), "val_tokens": int(len(corpus.val))}
+    results = task_module(recipe.task).evaluate(recipe, model, tokenizer)
+    return {"checkpoint": which, "step": progress["step"], **results}

@@ -1,0 +1,12 @@
+"""Tasks bind data, model and loss. One module per task; each has a `DataSpec` (its recipe's
+data section), `prepare(recipe, tokenizer_for)` and `evaluate(recipe, model, tokenizer)`.
+`TASK_MODULES` maps a recipe's `task:` to its module (imported on first use)."""
+
+from tformer.training.tasks.base import Batch, Prepared, Task
+from tformer.training.tasks.causal_lm import CausalLMTask, causal_lm_loss
+
+TASK_MODULES = {
+    "causal_lm": "tformer.training.tasks.causal_lm",
+}
+
+__all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]

@@ -1,0 +1,118 @@
+"""Causal language modelling (GPT pre-training): next-token prediction on random windows of a
+tokenized corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.config import check_fraction
+from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
+from tformer.inference.generate import Sampling, generate
+from tformer.models import FAMILIES, family_of, get_config
+from tformer.tokenizers.base import Tokenizer
+from tformer.training.tasks.base import Batch, Prepared
+
+if TYPE_CHECKING:
+    from tformer.training.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "shakespeare"  # a named dataset, a text file or a folder of .txt files
+    val_fraction: float = 0.1
+    cache_dir: str | None = None  # None: $TFORMER_CACHE_DIR or ~/.cache/tformer, then tokens/
+
+    def __post_init__(self) -> None:
+        check_fraction("data.val_fraction", self.val_fraction)
+
+
+def causal_lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy. logits: (B, T, V); targets: (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+
+class CausalLMTask:
+    """Next-token prediction on random windows of a token array (GPT pre-training)."""
+
+    name = "causal_lm"
+
+    def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, context: int,
+                 batch_size: int, seed: int, n_eval_batches: int = 20,
+                 tokenizer: Tokenizer | None = None, sample_prompt: str = "\n",
+                 sample_tokens: int = 200) -> None:
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.context, self.batch_size, self.seed = context, batch_size, seed
+        self.n_eval_batches = n_eval_batches
+        self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
+
+    def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
+        x, y = causal_lm_batch(self.train_tokens, self.batch_size, self.context, step, self.seed,
+                               rank=shard, world_size=n_shards)
+        return {"ids": x, "targets": y}
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
+        for x, y in eval_batches(self.val_tokens, self.batch_size, self.context,
+                                 self.n_eval_batches, self.seed):
+            rows = x.shape[0] // world_size  # each rank scores its share
+            yield {"ids": x[rank * rows:(rank + 1) * rows], "targets": y[rank * rows:(rank + 1) * rows]}
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        return causal_lm_loss(model(batch["ids"]), batch["targets"])
+
+    def samples(self, model: nn.Module) -> list[str]:
+        if self.tokenizer is None:
+            return []
+        prompt = self.tokenizer.encode(self.sample_prompt) or [0]
+        context = model.config.context_length  # type: ignore[union-attr]
+        prompt = prompt[-(context - 1):]
+        n = min(self.sample_tokens, context - len(prompt))
+        out = generate(model, [prompt], n, Sampling(temperature=0.8, top_k=200), seed=self.seed)
+        return [self.tokenizer.decode(out[0].tolist())]
+
+
+def token_cache_dir(cache_dir: str | None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    root = os.environ.get("TFORMER_CACHE_DIR") or Path.home() / ".cache" / "tformer"
+    return Path(root) / "tokens"
+
+
+def _task(recipe: Recipe, tokenizer: Tokenizer, context: int) -> CausalLMTask:
+    data: DataSpec = recipe.data  # type: ignore[assignment]
+    corpus = TokenizedCorpus.build(data.source, tokenizer, token_cache_dir(data.cache_dir),
+                                   val_fraction=data.val_fraction)
+    t = recipe.training
+    return CausalLMTask(corpus.train, corpus.val, context=context, batch_size=t.batch_size,
+                        seed=t.seed, n_eval_batches=t.eval_batches, tokenizer=tokenizer,
+                        sample_prompt=recipe.sample.prompt, sample_tokens=recipe.sample.tokens)
+
+
+def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
+    """Tokenizer (trained on the corpus once), model sized to it, and the task."""
+    data: DataSpec = recipe.data  # type: ignore[assignment]
+    tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
+    config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
+    model = FAMILIES[family_of(config)][1](config)
+    return Prepared(model, _task(recipe, tokenizer, config.context_length), tokenizer,
+                    {"model_family": family_of(config), "model_config": dataclasses.asdict(config)})
+
+
+def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
+    """Validation loss and perplexity on the run's own validation split."""
+    task = _task(recipe, tokenizer, model.config.context_length)  # type: ignore[union-attr]
+    with torch.no_grad():
+        losses = [float(task.loss(model, batch)) for batch in task.eval_batches(0, 1)]
+    val_loss = sum(losses) / len(losses)
+    return {"val_loss": val_loss, "perplexity": math.exp(val_loss), "val_tokens": int(len(task.val_tokens))}
