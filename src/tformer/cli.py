@@ -11,8 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError,
-                                                    KeyError, OSError)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (shown as one line); anything else is a bug (traceback)."""
+    from tformer.data.datasets import FetchError
+    from tformer.training.checkpoint import CheckpointError
+    from tformer.training.trainer import TrainingError
+
+    return (ValueError, OSError, CheckpointError, TrainingError, FetchError)
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -45,17 +50,18 @@ def _fmt(value: float | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from tformer.inference import Sampling, stream
+    from tformer.tokenizers.base import decode_stream
     from tformer.training.recipe import load_run
 
     model, tokenizer, _ = load_run(args.run_dir, args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
-    sampling = None if args.temperature == 0 else Sampling(args.temperature, args.top_k, args.top_p,
-                                                           args.repetition_penalty)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     sys.stdout.write(args.prompt)
-    for token in stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True):
-        sys.stdout.write(tokenizer.decode([int(token[0])]))
+    steps = stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True)
+    for piece in decode_stream(tokenizer, (int(token[0]) for token in steps)):
+        sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
@@ -71,6 +77,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from tformer.tokenizers import train_tokenizer
 
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name such as {args.out}/tokenizer.json")
     tokenizer = train_tokenizer(args.kind, args.files, vocab_size=args.vocab_size,
                                 special_tokens=args.special or ("<|endoftext|>",))
     tokenizer.save(args.out)
@@ -187,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as e:
+    except expected_errors() as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -50,16 +52,58 @@ def check_fraction(field: str, value: float) -> None:
         raise ConfigError(f"{field} must be in [0, 1), got {value}")
 
 
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """(fits, value) for a value read from YAML against a field annotation; a list becomes a
+    tuple for tuple fields and an int a float for float fields."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            fits, coerced = _coerce(value, option)
+            if fits:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return fits, float(value) if fits else value
+    if annotation is str:
+        return isinstance(value, str), value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = args[0] if args else Any
+        pairs = [_coerce(v, item) for v in value]
+        return all(fits for fits, _ in pairs), tuple(v for _, v in pairs)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict), value
+    return True, value  # an annotation this checker does not know: leave it to the dataclass
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -> T:
-    """Build dataclass `cls` from `data`, refusing keys it does not have."""
+    """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
+    where = where or cls.__name__
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        where = where or cls.__name__
         key = unknown[0]
         raise ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, names)}; "
                           f"valid keys: {', '.join(names)}")
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        fits, values[key] = _coerce(value, hints[key])
+        if not fits:
+            raise ConfigError(f"{key}={value!r} in {where} must be of type {_type_name(hints[key])}")
+    return cls(**values)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -73,7 +117,15 @@ def _yaml_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     float_pattern = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
                                r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")

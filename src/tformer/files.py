@@ -65,3 +65,18 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file in one rename (temporary file in the same folder, fsynced)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -164,3 +164,15 @@ def test_list_of_texts_is_read_as_file_names():
 def test_keeps_working_when_a_path_is_a_path_object(bpe, tmp_path):
     bpe.save(str(tmp_path / "s.json"))
     assert BPETokenizer.load(Path(tmp_path / "s.json")).encode("abc") == bpe.encode("abc")
+
+
+def test_streamed_decoding_never_splits_a_character():
+    from tformer.tokenizers import BPETokenizer
+    from tformer.tokenizers.base import decode_stream
+
+    text = "東京 café naïve 🙂 done"
+    tokenizer = BPETokenizer.train(iter(["hello world " * 50]), vocab_size=300)
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # several tokens per character for some of them
+    pieces = list(decode_stream(tokenizer, ids))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)

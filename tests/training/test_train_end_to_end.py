@@ -144,6 +144,25 @@ def test_two_torchrun_processes_match_one_process(tmp_path):
     assert max(abs(one[s] - two[s]) for s in one) < 1e-5
 
 
+def test_ddp_resume_with_dropout_is_exact(tmp_path):
+    """Each process keeps its own random stream across a resume (2 processes, dropout 0.2)."""
+    def torchrun(recipe, *overrides):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29518", "-m", "tformer.cli", "train", str(recipe),
+                               "--set", "training.schedule=constant", *overrides],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    straight = write_recipe(tmp_path, "straight", dropout=0.2, steps=12)
+    broken = write_recipe(tmp_path, "broken", dropout=0.2, steps=12)
+    torchrun(straight)
+    torchrun(broken, "--set", "training.max_steps=6")
+    torchrun(broken)
+    one, two = train_losses(tmp_path / "straight"), train_losses(tmp_path / "broken")
+    assert sorted(two) == list(range(1, 13))
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-6
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -162,6 +181,17 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(tmp_path, reference,
                          "nope.txt"),
         "missing recipe": (["train", str(tmp_path / "absent.yaml")], "recipe not found"),
     }
+    cases["wrong type"] = (["train", str(recipe), "--set", "training.batch_size=abc"],
+                           "batch_size='abc' .* must be of type int")
+    cases["no samples"] = (["train", str(recipe), "--set", "sample.tokens=0"], "sample.tokens must be >= 1")
+    cases["no gpu"] = (["train", str(recipe), "--set", "training.device=cuda"], "no CUDA GPU")
+    cases["changed model"] = (["train", str(recipe), "--set", "model.d_model=64"],
+                              "model section differs .* use --fresh")
+    cases["fresh with bad data"] = (["train", str(recipe), "--fresh", "--set",
+                                     f"data.source={tmp_path / 'nope.txt'}"], "nope.txt")
+    duplicated = tmp_path / "duplicated.yaml"
+    duplicated.write_text(recipe.read_text() + "\ntask: causal_lm\n")
+    cases["duplicate key"] = (["train", str(duplicated)], "duplicate key 'task'")
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text("task: causal_lm\nmodel: [unclosed\n")
     cases["malformed recipe"] = (["train", str(malformed)], "not valid YAML at line")

@@ -2,6 +2,8 @@
 
 import logging
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -115,21 +117,53 @@ def test_early_stopping_after_patience_evaluations(tmp_path):
     assert result.stopped_early and result.step == 8  # best at 2, then 3 evaluations without gain
 
 
-def test_interrupt_saves_and_the_run_resumes(tmp_path):
+def test_ctrl_c_stops_at_a_step_boundary_and_the_run_resumes_exactly(tmp_path):
     class Interrupting(CausalLMTask):
         def train_batch(self, step, shard, n_shards):
             if step == 7:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of step 8
             return super().train_batch(step, shard, n_shards)
 
     base = task()
     interrupting = Interrupting(base.train_tokens, base.val_tokens, context=16, batch_size=8, seed=1)
-    result = Trainer(tiny_model(), interrupting, config(), tmp_path).fit()
-    assert result.interrupted and result.step == 7
-    resumed = Trainer(tiny_model(), task(), config(), tmp_path)
+    result = Trainer(tiny_model(dropout=0.2), interrupting, config(), tmp_path).fit()
+    assert result.interrupted and result.step == 8
+    resumed = Trainer(tiny_model(dropout=0.2), task(), config(), tmp_path)
     assert resumed.fit().step == 12
-    Trainer(tiny_model(), task(), config(), tmp_path / "straight").fit()
+    Trainer(tiny_model(dropout=0.2), task(), config(), tmp_path / "straight").fit()
     np.testing.assert_allclose(losses(tmp_path), losses(tmp_path / "straight"), atol=1e-6)
+
+
+def test_fp16_overflow_is_handled_by_the_grad_scaler(tmp_path):
+    class Overflowing(CausalLMTask):
+        def loss(self, model, batch):
+            loss = super().loss(model, batch)
+            return loss * 1e30 if model.training and self.step_now == 2 else loss
+
+        def train_batch(self, step, shard, n_shards):
+            self.step_now = step
+            return super().train_batch(step, shard, n_shards)
+
+    base = task()
+    overflowing = Overflowing(base.train_tokens, base.val_tokens, context=16, batch_size=8, seed=1)
+    trainer = Trainer(tiny_model(), overflowing, config(max_steps=6, precision="fp16"), tmp_path)
+    scale = trainer.scaler.get_scale()
+    assert trainer.fit().step == 6
+    assert trainer.scaler.get_scale() < scale  # backed off after the overflow, then kept going
+
+
+def test_an_early_stopped_run_does_not_train_again(tmp_path):
+    class Stale(CausalLMTask):
+        def loss(self, model, batch):
+            loss = super().loss(model, batch)
+            return loss if model.training else loss.detach() * 0 + 5.0
+
+    base = task()
+    make = lambda: Stale(base.train_tokens, base.val_tokens, context=16, batch_size=8, seed=1)  # noqa: E731
+    cfg = config(max_steps=100, eval_every=2, early_stop_patience=1)
+    assert Trainer(tiny_model(), make(), cfg, tmp_path).fit().step == 4
+    again = Trainer(tiny_model(), make(), cfg, tmp_path).fit()
+    assert again.stopped_early and again.step == 4
 
 
 def test_inconsistent_batch_settings_are_refused():

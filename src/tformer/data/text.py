@@ -136,7 +136,11 @@ def _write_tokens(text: str, tokenizer: TextEncoder, path: Path, dtype: type, ch
     n_tokens, done, vocab = 0, 0, tokenizer.vocab_size
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in split_at_line_breaks(text, chunk_chars):
+            # only tokenizers that declare it (byte-level BPE, chars) give the same ids chunk by
+            # chunk; others (e.g. SentencePiece's Metaspace, which marks each input's start) get
+            # the whole text at once
+            safe = getattr(tokenizer, "splits_safely_at_line_breaks", False)
+            for chunk in split_at_line_breaks(text, chunk_chars) if safe else [text]:
                 ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
                 if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                     bad = ids[(ids < 0) | (ids >= vocab)][0]

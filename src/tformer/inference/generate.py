@@ -171,11 +171,15 @@ def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_token
     generator = None
     if seed is not None:
         generator = torch.Generator(device=ids.device).manual_seed(seed)
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
-    pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
     vocab = model.config.vocab_size  # type: ignore[attr-defined]
     context = model.config.context_length  # type: ignore[attr-defined]
-    cache_len = context if sliding else T + max_new_tokens
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
+    pad = pad_id if pad_id is not None else (int(stop[0]) if len(stop) else 0)
+    for name, token_id in [("pad_id", pad), *(("stop token", int(t)) for t in stop)]:
+        if not 0 <= token_id < vocab:
+            raise ValueError(f"{name} {token_id} is outside the vocabulary [0, {vocab})")
+    # cache lengths in steps of 64 so a compiled model sees few distinct shapes
+    cache_len = context if sliding else min(context, -(-(T + max_new_tokens) // 64) * 64)
     seen = None
     if sampling.repetition_penalty != 1.0:
         counts = torch.zeros(B, vocab, dtype=torch.long, device=ids.device)

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tformer.config import ConfigError
+from tformer.files import read_json
 from tformer.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def load_gpt2_config(path: str | os.PathLike) -> GPTConfig:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: is {path} a Hugging Face checkpoint directory?")
-    return _hf_config_to_gpt(json.loads(file.read_text()), str(file))
+    return _hf_config_to_gpt(read_json(file, "Hugging Face config"), str(file))
 
 
 def tensor_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:

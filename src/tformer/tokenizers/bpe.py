@@ -163,6 +163,9 @@ def build_tiktoken(hf: HFTokenizer, data: dict) -> Any | None:
 class BPETokenizer:
     """Byte-level BPE: any Unicode text round-trips exactly; special tokens are single ids."""
 
+    # GPT-2's pre-tokenizer regex never joins across "word\nWord", where data.text cuts chunks
+    splits_safely_at_line_breaks = True
+
     def __init__(self, hf: HFTokenizer, *, eos_token: str | None = None, engine: str = "auto") -> None:
         check_choice("engine", engine, ENGINES)
         self._hf = hf

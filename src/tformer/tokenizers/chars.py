@@ -15,6 +15,8 @@ KIND = "tformer.chars"
 class CharTokenizer:
     """ids are positions in a sorted character list; special tokens come after the characters."""
 
+    splits_safely_at_line_breaks = True  # encoding pieces of a text gives the ids of the whole
+
     def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ()) -> None:
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError("chars must be distinct single characters")

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tformer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -33,7 +35,15 @@ class World:
 
 def pick_device(preference: str = "auto") -> torch.device:
     if preference != "auto":
-        return torch.device(preference)
+        try:
+            device = torch.device(preference)
+        except RuntimeError:
+            raise ConfigError(f"training.device={preference!r} is not a device; use auto, cpu, "
+                              "cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"training.device={preference!r} but no CUDA GPU is visible; use "
+                              "training.device=auto or cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

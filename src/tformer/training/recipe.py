@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,10 @@ class SampleSpec:
     prompt: str = "\n"
     tokens: int = 200
 
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ConfigError(f"sample.tokens must be >= 1, got {self.tokens}")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -80,7 +85,8 @@ def task_module(name: str) -> ModuleType:
 
 
 def _section(data: dict[str, Any], name: str, cls: type, where: str) -> Any:
-    section = data.get(name) or {}
+    section = data.get(name)
+    section = {} if section is None else section
     if not isinstance(section, dict):
         raise ConfigError(f"section {name!r} of {where} must be a mapping of keys to values")
     return from_dict(cls, section, where=f"the {name} section of {where}")
@@ -114,31 +120,30 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(data, where=str(path))
 
 
-def tokenizer_maker(spec: TokenizerSpec, run_dir: Path) -> Callable[[Callable[[], Iterable[str]]], Tokenizer]:
-    """`make(texts)`: the run's tokenizer, reused from the run directory when resuming, else
-    built from `texts()` (called only when training one) and saved there."""
-    def make(texts: Callable[[], Iterable[str]]) -> Tokenizer:
-        saved = run_dir / TOKENIZER_FILE
-        if saved.is_file():
+TextSource = Callable[[], Iterable[str]]
+
+
+def tokenizer_maker(spec: TokenizerSpec, saved: Path | None) -> Callable[[TextSource], Tokenizer]:
+    """`make(texts)`: the tokenizer saved with the run being resumed (`saved`), else one built
+    from `texts()` (called only when a tokenizer is trained). Nothing is written here."""
+    def make(texts: TextSource) -> Tokenizer:
+        if saved is not None:
             return load_tokenizer(saved)
         if spec.kind == "file":
-            tokenizer = load_tokenizer(spec.path)
-        elif spec.kind == "char":
-            tokenizer = CharTokenizer.train(texts())
-        else:
-            tokenizer = BPETokenizer.train(iter(texts()), vocab_size=spec.vocab_size,
-                                           special_tokens=spec.special_tokens)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(saved)
-        return tokenizer
+            return load_tokenizer(spec.path)
+        if spec.kind == "char":
+            return CharTokenizer.train(texts())
+        return BPETokenizer.train(iter(texts()), vocab_size=spec.vocab_size,
+                                  special_tokens=spec.special_tokens)
 
     return make
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Model, task and tokenizer of a recipe, and the run configuration stored with checkpoints."""
-    make_tokenizer = tokenizer_maker(recipe.tokenizer, Path(recipe.run_dir))
-    prepared = task_module(recipe.task).prepare(recipe, make_tokenizer)
+def prepare(recipe: Recipe, *, resuming: bool = False) -> Prepared:
+    """Model, task and tokenizer of a recipe, and the run configuration stored with checkpoints.
+    When `resuming`, the tokenizer is the one saved in the run directory."""
+    saved = Path(recipe.run_dir) / TOKENIZER_FILE if resuming else None
+    prepared = task_module(recipe.task).prepare(recipe, tokenizer_maker(recipe.tokenizer, saved))
     prepared.model_record = {"recipe": recipe.to_dict(), **prepared.model_record}
     return prepared
 
@@ -151,7 +156,11 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Token
     if path is None:
         raise checkpoint.CheckpointError(f"{run_dir} has no checkpoints/{which}; train it first "
                                          f"(tformer train RECIPE) or pick --checkpoint last/best")
+    checkpoint.verify(path)
     run_config = checkpoint.load_config(path)
+    if run_config.get("model_family") not in FAMILIES or "model_config" not in run_config:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.CONFIG} does not name a model family "
+                                         f"and config; was it written by tformer?")
     config_cls, model_cls = FAMILIES[run_config["model_family"]]
     model = model_cls(from_dict(config_cls, run_config["model_config"]))
     checkpoint.load(path, model, with_train_state=False)
@@ -169,22 +178,46 @@ def _clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+def _check_same_run(recipe: Recipe, last: Path) -> None:
+    """Resuming needs the recipe the checkpoints were trained with (training settings may change)."""
+    saved = checkpoint.load_config(last).get("recipe", {})
+    current = json.loads(json.dumps(recipe.to_dict()))  # as stored: tuples become lists
+    for section in ("task", "model", "tokenizer", "data"):
+        if saved.get(section) != current[section]:
+            raise ConfigError(f"the recipe's {section} section differs from the one {recipe.run_dir} "
+                              f"was trained with ({saved.get(section)} -> {current[section]}); "
+                              "to start over use --fresh, or set another run_dir")
+
+
 def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
-    """Train what a recipe describes, resuming `run_dir/checkpoints/last` unless `fresh`. Under
-    torchrun, rank 0 builds the tokenizer and token cache first; the others then reuse them."""
+    """Train what a recipe describes, resuming `run_dir/checkpoints/last` unless `fresh`.
+
+    Everything is built and checked before the run directory is touched, so a bad recipe never
+    costs an earlier run its checkpoints. Under torchrun, rank 0 builds the tokenizer and token
+    cache first; the others then reuse them."""
     world = distributed.setup(recipe.training.device)
     run_dir = Path(recipe.run_dir)
+    last = run_dir / "checkpoints" / "last"
     try:
-        if world.is_main and fresh:
-            _clear_run(run_dir)
+        if world.is_main and not fresh:
+            checkpoint.resolve(last)
+        distributed.barrier(world)
+        resuming = not fresh and (last / checkpoint.MANIFEST).is_file()
+        if resuming:
+            _check_same_run(recipe, last)
         if not world.is_main:
             distributed.barrier(world)
-        prepared = prepare(recipe)
+        prepared = prepare(recipe, resuming=resuming)
         if world.is_main:
+            list(prepared.task.eval_batches(0, 1))  # unusable validation data fails here, not later
+            if not resuming:
+                _clear_run(run_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                prepared.tokenizer.save(run_dir / TOKENIZER_FILE)
             distributed.barrier(world)
-        trainer = Trainer(prepared.model, prepared.task, recipe.training, run_dir,
+        trainer = Trainer(prepared.model, prepared.task, recipe.training, run_dir,  # DDP: all ranks
                           run_config=prepared.model_record, world=world)
-        return trainer.fit(resume=not fresh)
+        return trainer.fit(resume=resuming)
     finally:
         distributed.teardown(world)
 

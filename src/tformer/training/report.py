@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tformer.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -62,12 +64,12 @@ class Reporter:
         self.start_step: int | None = None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget metrics logged after the checkpoint's step (they will be redone)."""
+        """Forget metrics logged after `step` (resume: they will be redone; 0: a new run)."""
         if not self.enabled or not self.metrics_path.is_file():
             return
         kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from tformer.config import ConfigError, check_choice, check_positive
 from tformer.training import checkpoint, distributed
+from tformer.training import state as run_state
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.report import Reporter
 from tformer.training.tasks import Batch, Task
@@ -58,6 +61,9 @@ class TrainConfig:
                      "log_every", "max_bad_steps"):
             check_positive(name, getattr(self, name))
         check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        for name in ("checkpoint_every", "early_stop_patience", "min_lr"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name), allow_zero=name == "min_lr")
         check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size % self.grad_accum:
@@ -112,6 +118,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.reporter = reporter or Reporter(self.run_dir, config.max_steps, enabled=self.world.is_main)
         self.step, self.best_val_loss, self.last_val_loss, self.evals_without_gain = 0, None, None, 0
+        self.stopped_early, self._stop_requested = False, False
+        self._eval_batches: list[Batch] = []
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -124,52 +132,47 @@ class Trainer:
 
     def _progress(self) -> dict[str, Any]:
         return {"step": self.step, "best_val_loss": self.best_val_loss,
-                "last_val_loss": self.last_val_loss, "evals_without_gain": self.evals_without_gain}
+                "last_val_loss": self.last_val_loss, "evals_without_gain": self.evals_without_gain,
+                "stopped_early": self.stopped_early}
 
     def save(self, path: Path, with_train_state: bool = True) -> None:
+        """Write a checkpoint (rank 0 writes; every rank contributes its RNG stream)."""
+        rng = run_state.gather_rng_states(self.world) if with_train_state else []
         if self.world.is_main:
-            state = None
-            if with_train_state:
-                state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "scaler": self.scaler.state_dict()}
-                if torch.cuda.is_available():
-                    state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            state = run_state.train_state(self.optimizer, self.scaler, rng) if with_train_state else None
             run_config = {**self.run_config, "training": asdict(self.config)}
             checkpoint.save(path, self.model, progress=self._progress(), config=run_config,
                             train_state=state)
         distributed.barrier(self.world)
 
     def resume(self) -> bool:
-        """Load `checkpoints/last` if present: weights, optimizer, RNG and progress."""
-        path = checkpoint.resolve(self.last_path) if self.world.is_main else self.last_path
+        """Load `checkpoints/last` if present: weights, optimizer, RNG streams and progress."""
+        if self.world.is_main:
+            checkpoint.resolve(self.last_path)  # recover from a crash between renames
         distributed.barrier(self.world)
-        if path is None or not (self.last_path / checkpoint.MANIFEST).is_file():
+        if not (self.last_path / checkpoint.MANIFEST).is_file():
             return False
         ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
         if ckpt.train_state is not None:
-            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
-            self.scaler.load_state_dict(ckpt.train_state["scaler"])
-            torch.set_rng_state(ckpt.train_state["torch_rng"].cpu())
-            if "cuda_rng" in ckpt.train_state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt.train_state["cuda_rng"])
+            run_state.restore(ckpt.train_state, self.optimizer, self.scaler, self.world)
         p = ckpt.progress
         self.step, self.best_val_loss = p["step"], p["best_val_loss"]
         self.last_val_loss, self.evals_without_gain = p["last_val_loss"], p["evals_without_gain"]
+        self.stopped_early = p.get("stopped_early", False)
         self.reporter.truncate_after(self.step)
         log.info("resumed from %s at step %d", self.last_path, self.step)
         return True
 
     def _restore_after_bad_steps(self, bad_steps: int) -> None:
-        path = checkpoint.resolve(self.last_path)
-        if path is None:
+        if not (self.last_path / checkpoint.MANIFEST).is_file():
             raise TrainingError(f"the loss or gradients were not finite for {bad_steps} steps in a "
                                 "row and there is no checkpoint to go back to; lower training.lr, "
                                 "set training.grad_clip, or check the data")
-        ckpt = checkpoint.load(path, self.model, device=self.world.device)
+        ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
         self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
         log.warning("loss was not finite for %d steps in a row: restored the weights and optimizer "
-                    "of %s (step %d) and continue with fresh data from step %d", bad_steps, path,
-                    ckpt.progress["step"], self.step)
+                    "of %s (step %d) and continue with fresh data from step %d", bad_steps,
+                    self.last_path, ckpt.progress["step"], self.step)
 
     # -- steps ------------------------------------------------------------------------------
     def _to_device(self, batch: Batch) -> Batch:
@@ -201,11 +204,17 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        health = distributed.mean_across(torch.stack([total, grad_norm.float()]), world)
-        finite = bool(torch.isfinite(health).all())
-        if finite:
+        stop = torch.tensor(float(self._stop_requested), device=world.device)
+        health = distributed.mean_across(torch.stack([total, grad_norm.float(), stop]), world)
+        self._stop_requested = bool(health[2] > 0)  # every process stops at the same step
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps and backs off
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            finite = bool(torch.isfinite(health[0]))
+        else:
+            finite = bool(torch.isfinite(health[:2]).all())
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(health[0]), finite
 
@@ -214,7 +223,7 @@ class Trainer:
         """Mean validation loss over the task's evaluation batches (all processes)."""
         self.model.eval()
         losses = []
-        for batch in self.task.eval_batches(self.world.rank, self.world.size):
+        for batch in self._eval_batches:
             with self._autocast():
                 losses.append(self.task.loss(self.model, self._to_device(batch)).float())
         self.model.train()
@@ -222,25 +231,62 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
+        """Train to max_steps (or an early stop), resuming checkpoints/last when `resume`.
+        Ctrl-C stops at the end of the current step and saves; a second Ctrl-C stops at once."""
         torch.manual_seed(self.config.seed + self.world.rank)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
+        if not (resume and self.resume()):
+            self.reporter.truncate_after(0)  # a new run: no rows of an earlier attempt
+        if self.stopped_early:
+            log.warning("this run already stopped early at step %d; train with --fresh or another "
+                        "run_dir to start again", self.step)
+            return self._result()
+        self.check_data()
         self.model.train()
-        try:
-            stopped_early = self._loop()
-        except KeyboardInterrupt:
-            self.reporter.end_line()
+        with self._graceful_interrupt():
+            try:
+                self._loop()
+            finally:
+                self.reporter.end_line()
+        if self._stop_requested:
             self.save(self.last_path)
             log.warning("interrupted at step %d; checkpoint saved to %s, run the same command "
                         "again to resume", self.step, self.last_path)
-            return TrainResult(self.step, self.best_val_loss, self.last_val_loss, interrupted=True)
-        self.reporter.end_line()
+            return self._result(interrupted=True)
         self.reporter.plot()
-        return TrainResult(self.step, self.best_val_loss, self.last_val_loss, stopped_early)
+        return self._result()
 
-    def _loop(self) -> bool:
+    def check_data(self) -> None:
+        """Build the validation batches now, so unusable data fails before training, not at
+        the first evaluation."""
+        if not self._eval_batches:
+            self._eval_batches = list(self.task.eval_batches(self.world.rank, self.world.size))
+
+    def _result(self, interrupted: bool = False) -> TrainResult:
+        return TrainResult(self.step, self.best_val_loss, self.last_val_loss, self.stopped_early,
+                           interrupted)
+
+    @contextlib.contextmanager
+    def _graceful_interrupt(self) -> Iterator[None]:
+        """SIGINT sets a flag read at the next step boundary (so the saved state is exact)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once, keep the last checkpoint
+            self._stop_requested = True
+            log.warning("stopping after this step (Ctrl-C again to stop at once)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _loop(self) -> None:
         cfg = self.config
         checkpoint_every = cfg.checkpoint_every or cfg.eval_every
         tokens_per_step = self._tokens_per_step()
@@ -266,11 +312,13 @@ class Trainer:
             at_end = self.step == cfg.max_steps
             if self.step % cfg.eval_every == 0 or at_end:
                 if self._evaluate_and_maybe_stop():
+                    self.stopped_early = True
                     self.save(self.last_path)
-                    return True
+                    return
             if self.step % checkpoint_every == 0 or at_end:
                 self.save(self.last_path)
-        return False
+            if self._stop_requested:
+                return
 
     def _evaluate_and_maybe_stop(self) -> bool:
         val_loss = self.evaluate()

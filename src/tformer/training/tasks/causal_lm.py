@@ -4,6 +4,7 @@ tokenized corpus."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from tformer.training.tasks.base import Batch, Prepared
 
 if TYPE_CHECKING:
     from tformer.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,14 @@ def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
     """Tokenizer (trained on the corpus once), model sized to it, and the task."""
     data: DataSpec = recipe.data  # type: ignore[assignment]
     tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+    try:
+        tokenizer.encode(recipe.sample.prompt)
+    except ValueError as e:
+        raise ValueError(f"sample.prompt {recipe.sample.prompt!r} cannot be encoded: {e}") from None
     overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
+    if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        log.warning("model.vocab_size=%s is replaced by the tokenizer's %d", overrides["vocab_size"],
+                    tokenizer.vocab_size)
     config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
     model = FAMILIES[family_of(config)][1](config)

@@ -1,0 +1,53 @@
+"""The part of a run that is not weights: optimizer, grad scaler and every process's RNG
+streams, gathered into one dict that `torch.load(weights_only=True)` can read back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tformer.training.distributed import World
+
+log = logging.getLogger(__name__)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def gather_rng_states(world: World) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective: call it on every rank)."""
+    mine = _rng_state()
+    if not world.distributed:
+        return [mine]
+    states: list[Any] = [None] * world.size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def train_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
+
+
+def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            world: World) -> None:
+    """Load optimizer and scaler, and this rank's own RNG stream (dropout continues exactly)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    streams = state.get("rng", [])
+    if len(streams) != world.size:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: random streams "
+                    "(dropout) are re-seeded, so the run continues but not bit-for-bit",
+                    len(streams), world.size)
+        return
+    mine = streams[world.rank]
+    torch.set_rng_state(mine["cpu"].cpu())
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
