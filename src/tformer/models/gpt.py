@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,9 @@ from tformer.nn import (ALiBi, Block, KVCache, LearnedPositions, MLP, MultiHeadA
                         key_padding, make_activation, make_norm)
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
+from tformer.nn.masks import Mask
 from tformer.nn.norm import NORMS
+from tformer.nn.patterns import at_positions, check_pattern, pattern_mask
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
 
@@ -42,6 +45,11 @@ class GPTConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     attn_backend: str = "sdpa"
+    # sparse attention (tformer.nn.patterns.PATTERNS), always combined with causal; e.g.
+    # attn_pattern="sliding_window", attn_pattern_params={"window": 256}. A plain dict: the
+    # config stays frozen (fields cannot be reassigned) but is not hashable, and nothing hashes it.
+    attn_pattern: str = "causal"
+    attn_pattern_params: dict[str, Any] | None = None
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -58,8 +66,21 @@ class GPTConfig:
         check_choice("activation", self.activation, [*ACTIVATIONS, "swiglu"])
         check_choice("position", self.position, POSITIONS)
         check_choice("attn_backend", self.attn_backend, BACKENDS)
+        if self.attn_backend == "flex" and self.dropout > 0:
+            raise ConfigError("attn_backend='flex' cannot apply attention dropout; set dropout=0 "
+                              "or use attn_backend='sdpa'")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head dimension, got {self.head_dim}")
+        params = self.attn_pattern_params or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"attn_pattern_params must be a mapping such as {{window: 256}}, "
+                              f"got {params!r}")
+        try:
+            check_pattern(self.attn_pattern, params, self.context_length)
+        except ValueError as e:
+            raise ConfigError(f"attn_pattern: {e}") from None
+        if self.attn_pattern_params is not None:  # a private copy: the caller's dict may change
+            object.__setattr__(self, "attn_pattern_params", dict(params))
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +110,8 @@ PRESETS: dict[str, dict] = {
 
 def build_block(config: GPTConfig) -> Block:
     d, bias = config.d_model, config.bias
-    qk_norm = (lambda dim: make_norm(config.norm, dim, eps=config.norm_eps)) if config.qk_norm else None
+    qk_norm = ((lambda dim: make_norm(config.norm, dim, eps=config.norm_eps, bias=bias))
+               if config.qk_norm else None)
     attn = MultiHeadAttention(d, config.n_heads, config.n_kv_heads, bias=bias, dropout=config.dropout,
                               backend=config.attn_backend, qk_norm=qk_norm)
     if config.activation == "swiglu":
@@ -123,6 +145,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.causal = causal()
+        self._patterns: dict[str, Mask] = {}  # device -> causal & pattern (caches block masks)
+        self.attention_pattern(self.lm_head.weight.device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -156,6 +180,27 @@ class GPT(nn.Module):
         return KVCache(c.n_layers, batch, c.n_kv_heads or c.n_heads, c.head_dim, max_len,
                        dtype=dtype or param.dtype, device=device or param.device)
 
+    def attention_pattern(self, device: torch.device) -> Mask:
+        """The configured pattern, combined with causal, on token positions; built once per device
+        so that FlexAttention block masks are created once per sequence length."""
+        c = self.config
+        if c.attn_pattern == "causal":
+            return self.causal
+        key = str(device)
+        if key not in self._patterns:
+            self._patterns[key] = pattern_mask(c.attn_pattern, causal=True, max_len=c.context_length,
+                                               device=device, **(c.attn_pattern_params or {}))
+        return self._patterns[key]
+
+    def _padded_mask(self, pattern: Mask, valid: Tensor) -> Mask:
+        """`pattern` over key slots where valid: (B, L) bool marks real tokens (left padding, a
+        KV cache's unwritten slots). A sparse pattern is evaluated at each row's token positions,
+        so left padding does not move its blocks, strides or global tokens."""
+        if pattern is self.causal:
+            return self.causal & key_padding(valid)
+        slot_positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        return at_positions(pattern, slot_positions) & key_padding(valid)
+
     def _check_input(self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None) -> None:
         if ids.dim() != 2:
             raise ValueError(f"token ids must have shape (batch, length), got {tuple(ids.shape)}")
@@ -182,15 +227,16 @@ class GPT(nn.Module):
             self._check_input(ids, attention_mask, cache)
         B, T = ids.shape
         valid = None if attention_mask is None else attention_mask.bool()
+        pattern = self.attention_pattern(ids.device)
         if cache is not None:
             positions = cache.append(torch.ones_like(ids, dtype=torch.bool) if valid is None else valid)
-            mask = self.causal & key_padding(cache.valid)
+            mask = self._padded_mask(pattern, cache.valid)
         elif valid is not None:
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions
-            mask = self.causal & key_padding(valid)
+            mask = self._padded_mask(pattern, valid)
         else:
             positions = torch.arange(T, device=ids.device).unsqueeze(0)  # (1, T)
-            mask = self.causal
+            mask = pattern
         x = self.tok_emb(ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)

@@ -124,6 +124,9 @@ def eager_attend(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None, *,
 def _compiled_flex_attention() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
+    # flex compiles one kernel per (shape, mask function); past dynamo's default limit of 8 it
+    # would silently run the uncompiled, dense path, so allow a working set of shapes and masks
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
