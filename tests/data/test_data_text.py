@@ -19,6 +19,8 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nS
 class CountingTokenizer:
     """A CharTokenizer that counts encode calls (to see whether a cache was reused)."""
 
+    splits_safely_at_line_breaks = True  # as the CharTokenizer it wraps
+
     def __init__(self, inner: CharTokenizer) -> None:
         self.inner, self.calls = inner, 0
 
@@ -214,3 +216,13 @@ def test_real_shakespeare_char_corpus(tmp_path):
     prefix = text[:300_000]
     chunked = np.concatenate([tokenizer.encode(p) for p in split_at_line_breaks(prefix, 10_000)])
     assert np.array_equal(chunked, corpus.tokens[:300_000])
+
+
+def test_tokenizers_that_do_not_declare_chunking_safe_get_the_whole_text(tmp_path):
+    """e.g. SentencePiece's Metaspace marks the start of every input: chunks would change ids."""
+    class Whole(CountingTokenizer):
+        splits_safely_at_line_breaks = False
+
+    tokenizer = Whole(CharTokenizer.train(TEXT))
+    corpus = TokenizedCorpus.from_text(TEXT, tokenizer, tmp_path, chunk_chars=100)
+    assert tokenizer.calls == 1 and len(corpus) == len(TEXT)
