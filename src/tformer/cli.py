@@ -74,6 +74,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")
 
 
+def cmd_import_bert(args: argparse.Namespace) -> None:
+    from tformer.interop.hf_bert import convert_bert
+
+    convert_bert(args.hf_dir, args.out_dir)
+    print(f"{args.hf_dir} converted to {args.out_dir}; fine-tune it with model.init_from: {args.out_dir}")
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from tformer.tokenizers import train_tokenizer
 
@@ -157,10 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="validation loss and perplexity of a trained run")
+    p = sub.add_parser("evaluate", help="the task's metrics of a trained run (loss, perplexity, "
+                                        "accuracy, BLEU, ...)")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
+
+    imp = sub.add_parser("import", help="convert a Hugging Face checkpoint into a tformer run directory")
+    p = imp.add_subparsers(dest="family", required=True).add_parser(
+        "bert", help="a BERT-architecture checkpoint (config.json + model.safetensors + tokenizer.json)")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_import_bert)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a tokenizer on text files")

@@ -87,7 +87,7 @@ def tensor_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def _weight_files(root: Path) -> dict[str, Path]:
+def weight_files(root: Path) -> dict[str, Path]:
     """Tensor name as stored -> the safetensors file that holds it."""
     if (root / WEIGHTS_FILE).is_file():
         with safe_open(root / WEIGHTS_FILE, framework="pt") as f:
@@ -138,7 +138,7 @@ def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """
     root = Path(path)
     config = load_gpt2_config(root)
-    files = _weight_files(root)
+    files = weight_files(root)
     stored = {name.removeprefix("transformer."): name for name in files}
     expected = tensor_names(config)
     _check_tensors(root, config, files)

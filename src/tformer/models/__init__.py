@@ -9,15 +9,17 @@ from typing import Any
 from torch import nn
 
 from tformer.config import ConfigError, did_you_mean, from_dict
-from tformer.models import gpt
+from tformer.models import bert, gpt
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt": (gpt.GPTConfig, gpt.GPT),
+    "bert": (bert.BertConfig, bert.Bert),
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     name: ("gpt", values) for name, values in gpt.PRESETS.items()
 }
+PRESETS.update({name: ("bert", values) for name, values in bert.PRESETS.items()})
 
 
 def family_of(config: Any) -> str:

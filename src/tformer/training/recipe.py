@@ -104,7 +104,8 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     model = data["model"]
     if not isinstance(model, dict) or "preset" not in model:
         raise ConfigError(f"the model section of {where} needs a preset, e.g. model: {{preset: gpt-mini}}")
-    get_config(model["preset"], **{k: v for k, v in model.items() if k != "preset"})  # validate now
+    own = ("preset", *getattr(module, "MODEL_KEYS", ()))  # keys the task reads itself (init_from, ...)
+    get_config(model["preset"], **{k: v for k, v in model.items() if k not in own})  # validate now
     return Recipe(task=data["task"], model=dict(model), run_dir=str(data.get("run_dir", "runs/default")),
                   data=_section(data, "data", module.DataSpec, where),
                   tokenizer=_section(data, "tokenizer", TokenizerSpec, where),
@@ -225,7 +226,12 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
     """The task's evaluation (e.g. validation loss and perplexity) of a trained run."""
     model, tokenizer, run_config = load_run(run_dir, which)
+    if "recipe" not in run_config:
+        raise checkpoint.CheckpointError(f"{run_dir} holds an imported model, not a training run: "
+                                         "there is no recipe to evaluate it with; fine-tune it with "
+                                         "a recipe whose model.init_from names it")
     recipe = recipe_from_dict(run_config["recipe"], where=f"{run_dir} (saved recipe)")
+    recipe = dataclasses.replace(recipe, run_dir=str(run_dir))  # outputs go where it was evaluated
     progress = checkpoint.load_progress(Path(run_dir) / "checkpoints" / which)
     results = task_module(recipe.task).evaluate(recipe, model, tokenizer)
     return {"checkpoint": which, "step": progress["step"], **results}

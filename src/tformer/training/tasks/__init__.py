@@ -7,6 +7,8 @@ from tformer.training.tasks.causal_lm import CausalLMTask, causal_lm_loss
 
 TASK_MODULES = {
     "causal_lm": "tformer.training.tasks.causal_lm",
+    "masked_lm": "tformer.training.tasks.masked_lm",
+    "classification": "tformer.training.tasks.classification",
 }
 
 __all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]

@@ -1,0 +1,236 @@
+"""Hugging Face BERT checkpoints (BertModel, BertForMaskedLM, BertForSequenceClassification,
+BertForTokenClassification; MiniLM is a BertModel) -> `tformer.models.bert.Bert`.
+
+A checkpoint directory holds config.json + model.safetensors (or a sharded index) and, to be
+usable for text, tokenizer.json. Pickles are never loaded. HF's separate query/key/value Linears
+become our fused `qkv_proj` (rows [q | k | v]); old "gamma"/"beta" LayerNorm names are accepted.
+`convert_bert` writes a tformer checkpoint that recipes can fine-tune (`model.init_from`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from tformer.config import ConfigError, check_choice
+from tformer.files import read_json
+from tformer.interop.huggingface import CONFIG_FILE, PICKLE_FILES, weight_files
+from tformer.models.bert import HEADS, Bert, BertConfig
+from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
+from tformer.training import checkpoint
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+ARCHITECTURE_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
+                      "BertForSequenceClassification": "sequence", "BertForTokenClassification": "token"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu"}
+# options BERT configs may carry that our encoder cannot honour: key -> the only value we can
+UNSUPPORTED = {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False}
+IGNORED = ("embeddings.position_ids", "cls.seq_relationship.")  # a buffer; next-sentence head
+LAYER_PARTS = {"attn.out_proj": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+               "ffn.up": "intermediate.dense", "ffn.down": "output.dense", "ffn_norm": "output.LayerNorm"}
+
+
+def _labels(hf: dict) -> tuple[str, ...]:
+    """Class names from id2label; HF leaves it out for its default of 2 (LABEL_0, LABEL_1)."""
+    id2label = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+
+
+def hf_config_to_bert(hf: dict, where: str, *, head: str | None = None) -> BertConfig:
+    """Our BertConfig for an HF BERT config.json dict; `head` None: from its architecture."""
+    if hf.get("model_type") != "bert":
+        raise ConfigError(f"model_type={hf.get('model_type')!r} in {where}: only 'bert' checkpoints "
+                          "(BERT, MiniLM) can be loaded as a tformer Bert")
+    for key, allowed in UNSUPPORTED.items():
+        if hf.get(key, allowed) != allowed:
+            raise ConfigError(f"{key}={hf[key]!r} in {where} is not supported (only {allowed!r})")
+    act = hf.get("hidden_act", "gelu")
+    if act not in HF_ACTIVATIONS:
+        raise ConfigError(f"hidden_act={act!r} in {where} is not supported; choose one of "
+                          f"{sorted(HF_ACTIVATIONS)}")
+    if head is None:
+        arch = (hf.get("architectures") or ["BertModel"])[0]
+        head = ARCHITECTURE_HEADS.get(arch, "none")
+    labels = _labels(hf) if head in ("sequence", "token") else ()
+    classifier_dropout = hf.get("classifier_dropout")
+    if classifier_dropout is not None and classifier_dropout != hf.get("hidden_dropout_prob", 0.1):
+        log.info("%s: classifier_dropout=%s differs from hidden_dropout_prob; tformer uses the latter",
+                 where, classifier_dropout)
+    return BertConfig(
+        vocab_size=hf.get("vocab_size", 30522), context_length=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 12), d_model=hf.get("hidden_size", 768),
+        d_ff=hf.get("intermediate_size", 3072), dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        attn_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+        activation=HF_ACTIVATIONS[act], norm_eps=float(hf.get("layer_norm_eps", 1e-12)), head=head,
+        labels=labels, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        init_std=float(hf.get("initializer_range", 0.02)))
+
+
+def load_bert_config(path: str | os.PathLike, *, head: str | None = None) -> BertConfig:
+    """The BertConfig of the HF checkpoint directory `path` (its config.json)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: is {path} a Hugging Face checkpoint directory?")
+    return hf_config_to_bert(read_json(file, "Hugging Face config"), str(file), head=head)
+
+
+def tensor_names(config: BertConfig) -> dict[str, list[str]]:
+    """Our state-dict name -> the HF names (without a "bert." prefix) concatenated into it."""
+    names = {"tok_emb.weight": ["embeddings.word_embeddings.weight"],
+             "pos_emb.embedding.weight": ["embeddings.position_embeddings.weight"],
+             "type_emb.weight": ["embeddings.token_type_embeddings.weight"]}
+    for kind in ("weight", "bias"):
+        names[f"emb_norm.{kind}"] = [f"embeddings.LayerNorm.{kind}"]
+        for i in range(config.n_layers):
+            hf = f"encoder.layer.{i}."
+            names[f"blocks.{i}.attn.qkv_proj.{kind}"] = [f"{hf}attention.self.{p}.{kind}"
+                                                        for p in ("query", "key", "value")]
+            for ours, theirs in LAYER_PARTS.items():
+                names[f"blocks.{i}.{ours}.{kind}"] = [f"{hf}{theirs}.{kind}"]
+    return names
+
+
+def head_tensor_names(config: BertConfig) -> dict[str, list[str]]:
+    """The head's tensors, for the head `config` names."""
+    pairs: dict[str, str] = {}
+    if config.head == "mlm":
+        pairs = {"head.dense": "cls.predictions.transform.dense",
+                 "head.norm": "cls.predictions.transform.LayerNorm"}
+    elif config.head == "sequence":
+        pairs = {"head.classifier": "classifier"}
+        if config.pooling == "cls":
+            pairs["head.pooler.dense"] = "pooler.dense"
+    elif config.head == "token":
+        pairs = {"head.classifier": "classifier"}
+    names = {f"{ours}.{kind}": [f"{theirs}.{kind}"] for ours, theirs in pairs.items()
+             for kind in ("weight", "bias")}
+    if config.head == "mlm":
+        names["head.decoder.bias"] = ["cls.predictions.bias"]
+        if not config.tie_embeddings:
+            names["head.decoder.weight"] = ["cls.predictions.decoder.weight"]
+    return names
+
+
+def _canonical(name: str) -> str:
+    """Stored name -> the name tensor_names uses: no "bert." prefix, gamma/beta -> weight/bias."""
+    name = name.removeprefix("bert.")
+    if name.endswith((".gamma", ".beta")):
+        name = name.rsplit(".", 1)[0] + (".weight" if name.endswith(".gamma") else ".bias")
+    return name
+
+
+def _read_tensors(root: Path) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint under its canonical name (safetensors only)."""
+    if not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")) and any(
+            (root / n).is_file() for n in PICKLE_FILES):
+        raise ValueError(f"{root} holds only pickled weights (pytorch_model.bin); tformer refuses pickles "
+                         "because loading one can run arbitrary code. Convert it once, in an environment "
+                         "you trust: `transformers.AutoModel.from_pretrained(path).save_pretrained(path, "
+                         "safe_serialization=True)` writes model.safetensors")
+    files = weight_files(root)
+    tensors: dict[str, Tensor] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[_canonical(name)] = f.get_tensor(name)
+    return tensors
+
+
+def _gather(names: dict[str, list[str]], tensors: dict[str, Tensor],
+            shapes: dict[str, tuple]) -> tuple[dict[str, Tensor], list[str]]:
+    """Our tensors from HF ones, and the problems (missing names, shapes the config contradicts)."""
+    state, problems = {}, []
+    for ours, theirs in names.items():
+        missing = [n for n in theirs if n not in tensors]
+        if missing:
+            problems.append(f"missing tensor {missing[0]!r}")
+            continue
+        tensor = torch.cat([tensors[n] for n in theirs]) if len(theirs) > 1 else tensors[theirs[0]]
+        if tuple(tensor.shape) != shapes[ours]:
+            problems.append(f"{theirs[0]!r} has shape {tuple(tensors[theirs[0]].shape)}, config.json "
+                            f"implies {shapes[ours]} for {ours}")
+            continue
+        state[ours] = tensor
+    return state, problems
+
+
+def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Sequence[str] | None = None,
+              pooling: str | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Bert:
+    """A Bert (eval mode) with the weights of the HF BERT checkpoint directory `path`.
+
+    head: "none", "mlm", "sequence" or "token"; None takes the checkpoint's architecture. A head
+    the checkpoint lacks (or whose label count differs) starts freshly initialised, logged; then
+    `labels` name its classes. Missing encoder tensors and wrong shapes raise one ValueError.
+    """
+    root = Path(path)
+    if head is not None:
+        check_choice("head", head, HEADS)
+    config = load_bert_config(root, head=head)
+    overrides = {"pooling": pooling} if pooling else {}
+    if labels is not None:
+        overrides["labels"] = tuple(labels)
+    config = dataclasses.replace(config, **overrides)
+    tensors = _read_tensors(root)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}
+    state, problems = _gather(tensor_names(config), tensors, shapes)
+    if problems:
+        raise ValueError(f"checkpoint {root} does not match its config: " + "; ".join(problems))
+    head_state, head_problems = _gather(head_tensor_names(config), tensors, shapes)
+    state.update(head_state)  # what fits; the rest of the head keeps its initialisation
+    if head_problems:
+        log.info("%s: %d tensors of the %s head start fresh (%s)", root, len(head_problems),
+                 config.head, head_problems[0])
+    used = {n for names in [*tensor_names(config).values(), *head_tensor_names(config).values()]
+            for n in names}
+    extra = [n for n in tensors if n not in used and not n.startswith(IGNORED)]
+    if extra:
+        log.info("%s: %d tensors unused by a %r head, e.g. %s", root, len(extra), config.head, extra[:3])
+    with torch.device(device or "cpu"):
+        model = Bert(config)
+    model.to(dtype or state["tok_emb.weight"].dtype)
+    model.load_state_dict(state, strict=False)  # a fresh head keeps its initialisation
+    log.info("loaded BERT checkpoint %s (%d layers, d_model=%d, head=%s)", root, config.n_layers,
+             config.d_model, config.head)
+    return model.eval()
+
+
+def load_bert_tokenizer(path: str | os.PathLike) -> HFJsonTokenizer:
+    """The checkpoint's tokenizer.json (WordPiece for BERT); a clear error when it has none."""
+    root = Path(path)
+    if not (root / TOKENIZER_FILE).is_file():
+        has_vocab = (root / "vocab.txt").is_file()
+        hint = ("it has vocab.txt but not tokenizer.json: write one in an environment with transformers, "
+                "`AutoTokenizer.from_pretrained(path).save_pretrained(path)`" if has_vocab else
+                "copy the tokenizer.json of the model it was trained from into it")
+        raise FileNotFoundError(f"checkpoint directory {root} has no {TOKENIZER_FILE}, so its text cannot "
+                                f"be tokenized; {hint}")
+    return load_hf_tokenizer(root)
+
+
+def convert_bert(path: str | os.PathLike, out_dir: str | os.PathLike, *, head: str | None = None,
+                 labels: Sequence[str] | None = None, pooling: str | None = None) -> Path:
+    """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best + tokenizer.json),
+    which `load_run` reads and recipes fine-tune from (`model.init_from: out_dir`). The tokenizer is
+    checked first, so a directory without one writes nothing."""
+    tokenizer = load_bert_tokenizer(path)
+    model = load_bert(path, head=head, labels=labels, pooling=pooling)
+    out = Path(out_dir)
+    record = {"model_family": "bert", "model_config": dataclasses.asdict(model.config),
+              "imported_from": str(Path(path).resolve())}
+    checkpoint.save(out / "checkpoints" / "best", model, progress={"step": 0}, config=record)
+    tokenizer.save(out / TOKENIZER_FILE)
+    log.info("converted %s into tformer run directory %s", path, out)
+    return out

@@ -1,0 +1,275 @@
+"""Sentence classification with a BERT (sentiment, emotion, topic, ...): labelled sentences from
+a TSV / CSV / JSONL file or a named dataset; the label set is whatever the data says.
+
+Validation is a stratified hold-out or fold k of a stratified k-fold split. `evaluate` reports
+accuracy and macro F1 and writes a confusion-matrix PNG into the run directory. The label names
+are part of the model's config, so they are stored with every checkpoint of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.config import ConfigError, check_choice, check_fraction, check_positive
+from tformer.data.labelled import (
+    FORMATS,
+    TOO_LONG,
+    LabelledSentences,
+    encode_sentences,
+    label_ids,
+    load_labelled,
+    pad_rows,
+    sort_labels,
+    special_ids,
+    train_val_split,
+)
+from tformer.training.tasks.base import Batch, Prepared
+from tformer.training.tasks.bert_init import (
+    MODEL_KEYS,  # noqa: F401 - the model keys this task reads
+    build_bert,
+    check_init_tokenizer,
+    input_length,
+)
+
+if TYPE_CHECKING:
+    from tformer.training.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+CONFUSION_PNG = "confusion.png"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "uci-sentiment"  # a labelled dataset or a .tsv/.csv/.jsonl file with a header
+    format: str | None = None  # None: from the file's suffix
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()  # the classes in output order; (): the data's labels, sorted
+    val_fraction: float = 0.2  # stratified hold-out when fold is None
+    fold: int | None = None  # validate on fold `fold` of `n_folds` (stratified k-fold)
+    n_folds: int = 5
+    split_seed: int = 0  # the split, independent of training.seed
+    max_length: int | None = None  # tokens per sentence with [CLS] and [SEP]; None: the model's limit
+    too_long: str = "truncate"  # longer sentences: truncate (with a warning) or error (refuse)
+    test_source: str | None = None  # evaluate() scores this labelled file instead of the val split
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if self.format is not None:
+            check_choice("data.format", self.format, FORMATS)
+        check_choice("data.too_long", self.too_long, TOO_LONG)
+        check_fraction("data.val_fraction", self.val_fraction)
+        check_positive("data.n_folds", self.n_folds)
+        if self.fold is not None and not 0 <= self.fold < self.n_folds:
+            raise ConfigError(f"data.fold must be in [0, {self.n_folds}), got {self.fold}")
+        if self.max_length is not None and self.max_length < 3:
+            raise ConfigError(f"data.max_length must be >= 3 ([CLS] token [SEP]), got {self.max_length}")
+
+
+class ClassificationTask:
+    """Padded batches of encoded sentences. Each epoch is a seeded permutation, bucketed by
+    length (pools of `POOL_BATCHES` batches sorted by length, batch order shuffled within a
+    pool) so little compute goes to padding; a step's batch is a pure function of (seed, step)."""
+
+    name = "classification"
+    POOL_BATCHES = 50
+
+    def __init__(self, train_rows: list[np.ndarray], train_labels: np.ndarray, val_rows: list[np.ndarray],
+                 val_labels: np.ndarray, *, pad_id: int, batch_size: int, seed: int,
+                 label_names: tuple[str, ...] = (), val_texts: tuple[str, ...] = ()) -> None:
+        if not train_rows or not val_rows:
+            raise ConfigError(f"classification needs training and validation examples, got "
+                              f"{len(train_rows)} and {len(val_rows)}")
+        self.train_rows, self.train_labels = train_rows, torch.from_numpy(train_labels)
+        self.val_rows, self.val_labels = val_rows, torch.from_numpy(val_labels)
+        self.pad_id, self.batch_size, self.seed = pad_id, batch_size, seed
+        self.label_names, self.val_texts = label_names, val_texts
+        self.lengths = np.array([len(r) for r in train_rows])
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The order of the training examples in `epoch` (a permutation, length-bucketed)."""
+        if epoch not in self._orders:
+            rng, b = np.random.default_rng([self.seed, epoch]), self.batch_size
+            order, pool, pieces = rng.permutation(len(self.train_rows)), b * self.POOL_BATCHES, []
+            for start in range(0, len(order), pool):
+                chunk = order[start:start + pool]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                batches = [chunk[i:i + b] for i in range(0, len(chunk), b)]
+                pieces.extend(batches[j] for j in rng.permutation(len(batches)))
+            self._orders = {epoch: np.concatenate(pieces), **{e: o for e, o in self._orders.items()
+                                                              if e == epoch - 1}}
+        return self._orders[epoch]
+
+    def _global_indices(self, step: int) -> np.ndarray:
+        n = len(self.train_rows)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        return np.array([self.epoch_order(int(p // n))[p % n] for p in positions])
+
+    def _batch(self, rows: list[np.ndarray], labels: Tensor) -> Batch:
+        ids, mask = pad_rows(rows, self.pad_id)
+        return {"ids": ids, "attention_mask": mask, "labels": labels}
+
+    def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
+        rows = self.batch_size // n_shards
+        index = self._global_indices(step)[shard * rows:(shard + 1) * rows]
+        return self._batch([self.train_rows[i] for i in index], self.train_labels[index])
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
+        """Every validation example once, in batches of similar length; each rank a share."""
+        order = np.argsort([len(r) for r in self.val_rows], kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            index = np.array_split(order[start:start + self.batch_size], world_size)[rank]
+            if len(index):
+                yield self._batch([self.val_rows[i] for i in index], self.val_labels[index])
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        logits = model(batch["ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def predict(self, model: nn.Module) -> np.ndarray:
+        """Predicted class of every validation example."""
+        return predict(model, self.val_rows, self.pad_id, self.batch_size)
+
+    def samples(self, model: nn.Module) -> list[str]:
+        """A few validation sentences with predicted and true labels."""
+        if not self.label_names or not self.val_texts:
+            return []
+        batch = self._batch(self.val_rows[:5], self.val_labels[:5])
+        with torch.no_grad():
+            guesses = model(batch["ids"], attention_mask=batch["attention_mask"]).argmax(-1).tolist()
+        return [f"[{self.label_names[g]} / true {self.label_names[int(t)]}] {text}"
+                for g, t, text in zip(guesses, batch["labels"], self.val_texts)]
+
+
+def classification_metrics(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1 (0 where undefined), macro F1 and the confusion
+    matrix (rows: true class, columns: predicted class)."""
+    confusion = np.zeros((n_labels, n_labels), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    hits = np.diag(confusion).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(hits / confusion.sum(axis=0))
+        recall = np.nan_to_num(hits / confusion.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"accuracy": float(hits.sum() / max(len(truth), 1)), "precision": precision.tolist(),
+            "recall": recall.tolist(), "f1": f1.tolist(), "macro_f1": float(f1.mean()),
+            "confusion": confusion}
+
+
+def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> None:
+    """A confusion-matrix heatmap with counts, written atomically to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 2.5 + 0.5 * len(labels)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(confusion, cmap="Blues")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center",
+                color="white" if count > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def predict(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: int) -> np.ndarray:
+    """The most likely class of each encoded sentence (eval mode; batched by length, returned in
+    the order of `rows`)."""
+    was_training, order = model.training, np.argsort([len(r) for r in rows], kind="stable")
+    predicted = np.zeros(len(rows), dtype=np.int64)
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            index = order[start:start + batch_size]
+            ids, mask = pad_rows([rows[i] for i in index], pad_id)
+            predicted[index] = model(ids, attention_mask=mask).argmax(-1).numpy()
+    model.train(was_training)
+    return predicted
+
+
+def _splits(data: DataSpec) -> tuple[LabelledSentences, LabelledSentences]:
+    """(train, validation) of the data source, as the recipe splits it."""
+    sentences = load_labelled(data.source, text_column=data.text_column, label_column=data.label_column,
+                              format=data.format)
+    train, val = train_val_split(sentences.labels, val_fraction=data.val_fraction, seed=data.split_seed,
+                                 fold=data.fold, n_folds=data.n_folds)
+    return sentences.subset(train), sentences.subset(val)
+
+
+def _task(recipe: Recipe, tokenizer: Any, labels: tuple[str, ...], max_length: int,
+          train: LabelledSentences, val: LabelledSentences) -> ClassificationTask:
+    data: DataSpec = recipe.data  # type: ignore[assignment]
+    specials = special_ids(tokenizer)
+
+    def encode(part: LabelledSentences) -> list[np.ndarray]:
+        return encode_sentences(part, tokenizer, specials, max_length=max_length, too_long=data.too_long)
+
+    t = recipe.training
+    return ClassificationTask(encode(train), label_ids(train, labels), encode(val), label_ids(val, labels),
+                              pad_id=specials.pad, batch_size=t.batch_size, seed=t.seed,
+                              label_names=labels, val_texts=val.texts[:5])
+
+
+def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
+    """Tokenizer (trained on the sentences, or the init_from checkpoint's), model with a sequence
+    head over the data's labels, and the task. Nothing is written before the data is read."""
+    data: DataSpec = recipe.data  # type: ignore[assignment]
+    check_init_tokenizer(recipe)
+    train, val = _splits(data)
+    labels = data.labels or sort_labels(set(train.labels) | set(val.labels))
+    label_ids(train, labels), label_ids(val, labels)  # a label outside data.labels: named here
+    tokenizer = tokenizer_for(lambda: list(train.texts))
+    special_ids(tokenizer)
+    model, record = build_bert(recipe, tokenizer, head="sequence", labels=labels)
+    max_length = input_length(data.max_length, model.config.context_length)
+    log.info("classification: %d training / %d validation sentences, labels %s", len(train), len(val),
+             list(labels))
+    return Prepared(model, _task(recipe, tokenizer, labels, max_length, train, val), tokenizer, record)
+
+
+def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """Accuracy, macro F1 and per-class F1 on the validation split (or data.test_source), and
+    run_dir/confusion.png. A label the model was not trained with is an error naming its line."""
+    data: DataSpec = recipe.data  # type: ignore[assignment]
+    config = model.config  # type: ignore[union-attr]
+    if data.test_source:
+        val = load_labelled(data.test_source, text_column=data.text_column,
+                            label_column=data.label_column, format=data.format)
+    else:
+        val = _splits(data)[1]
+    truth = label_ids(val, config.labels)  # before any work: an unseen label is named with its line
+    specials = special_ids(tokenizer)
+    max_length = input_length(data.max_length, config.context_length)
+    rows = encode_sentences(val, tokenizer, specials, max_length=max_length, too_long=data.too_long)
+    metrics = classification_metrics(truth, predict(model, rows, specials.pad, recipe.training.batch_size),
+                                      len(config.labels))
+    split = data.test_source or (f"fold {data.fold} of {data.n_folds}" if data.fold is not None
+                                 else f"validation ({data.val_fraction:.0%})")
+    png = Path(recipe.run_dir) / CONFUSION_PNG
+    plot_confusion(metrics["confusion"], config.labels, png, title=f"{Path(data.source).name}: {split}")
+    result = {"split": split, "examples": len(val), "accuracy": metrics["accuracy"],
+              "macro_f1": metrics["macro_f1"]}
+    result.update({f"f1[{name}]": f1 for name, f1 in zip(config.labels, metrics["f1"])})
+    return {**result, "labels": list(config.labels), "confusion": metrics["confusion"].tolist(),
+            "confusion_png": str(png)}
