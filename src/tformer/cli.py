@@ -53,14 +53,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tformer.tokenizers.base import decode_stream
     from tformer.training.recipe import load_run
 
-    model, tokenizer, _ = load_run(args.run_dir, args.checkpoint)
+    model, tokenizer, run_config = load_run(args.run_dir, args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     sys.stdout.write(args.prompt)
-    steps = stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True)
-    for piece in decode_stream(tokenizer, (int(token[0]) for token in steps)):
+    if run_config["model_family"] == "transformer_xl":  # segment memory instead of a KV cache
+        from tformer.training.tasks.segment_lm import generate as generate_with_memory
+
+        out = generate_with_memory(model, prompt, args.max_new_tokens, sampling, seed=args.seed)
+        new_tokens = iter(out[len(prompt):].tolist())
+    else:
+        steps = stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True)
+        new_tokens = (int(token[0]) for token in steps)
+    for piece in decode_stream(tokenizer, new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -10,9 +10,11 @@ from torch import nn
 
 from tformer.config import ConfigError, did_you_mean, from_dict
 from tformer.models import bert, gpt
+from tformer.models import transformer_xl
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt": (gpt.GPTConfig, gpt.GPT),
+    "transformer_xl": (transformer_xl.TransformerXLConfig, transformer_xl.TransformerXL),
     "bert": (bert.BertConfig, bert.Bert),
 }
 
@@ -20,6 +22,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     name: ("gpt", values) for name, values in gpt.PRESETS.items()
 }
 PRESETS.update({name: ("bert", values) for name, values in bert.PRESETS.items()})
+PRESETS.update({name: ("transformer_xl", values) for name, values in transformer_xl.PRESETS.items()})
 
 
 def family_of(config: Any) -> str:

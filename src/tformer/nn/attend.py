@@ -144,7 +144,9 @@ def flex_attend(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None, *,
     if dropout > 0.0:
         raise ValueError("the flex attention backend does not support attention dropout; set the "
                          "attention dropout to 0 or choose attn_backend='sdpa'")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not torch.is_grad_enabled():  # flex refuses inputs that require grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    needs_grad = any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu" and needs_grad:
         _warn_flex_fallback_once(q.device.type)
         return sdpa_attend(q, k, v, mask, bias=bias, q_offset=q_offset, scale=scale)

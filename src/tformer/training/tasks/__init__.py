@@ -9,6 +9,7 @@ TASK_MODULES = {
     "causal_lm": "tformer.training.tasks.causal_lm",
     "masked_lm": "tformer.training.tasks.masked_lm",
     "classification": "tformer.training.tasks.classification",
+    "segment_lm": "tformer.training.tasks.segment_lm",
 }
 
 __all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]
