@@ -9,18 +9,20 @@ from typing import Any
 from torch import nn
 
 from tformer.config import ConfigError, did_you_mean, from_dict
-from tformer.models import bert, gpt
+from tformer.models import bert, gpt, seq2seq
 from tformer.models import transformer_xl
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt": (gpt.GPTConfig, gpt.GPT),
     "transformer_xl": (transformer_xl.TransformerXLConfig, transformer_xl.TransformerXL),
+    "seq2seq": (seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq),
     "bert": (bert.BertConfig, bert.Bert),
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     name: ("gpt", values) for name, values in gpt.PRESETS.items()
 }
+PRESETS.update({name: ("seq2seq", values) for name, values in seq2seq.PRESETS.items()})
 PRESETS.update({name: ("bert", values) for name, values in bert.PRESETS.items()})
 PRESETS.update({name: ("transformer_xl", values) for name, values in transformer_xl.PRESETS.items()})
 

@@ -10,6 +10,7 @@ TASK_MODULES = {
     "masked_lm": "tformer.training.tasks.masked_lm",
     "classification": "tformer.training.tasks.classification",
     "segment_lm": "tformer.training.tasks.segment_lm",
+    "seq2seq": "tformer.training.tasks.seq2seq",
 }
 
 __all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]
