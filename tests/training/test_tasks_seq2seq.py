@@ -120,6 +120,11 @@ def test_recipe_trains_and_evaluates_end_to_end(tmp_path):
     assert "=> " in (tmp_path / "run" / "samples.txt").read_text(encoding="utf-8")
     config = json.loads((tmp_path / "run" / "checkpoints" / "best" / "config.json").read_text())
     assert config["model_family"] == "seq2seq" and config["model_config"]["eos_id"] == 2
+    from tformer.cli import main
+
+    source = rows[1].split("\t")[0]
+    assert main(["translate", str(tmp_path / "run"), source, "--beam", "2"]) == 0
+    assert main(["generate", str(tmp_path / "run")]) == 2  # a translation model: says to use translate
 
 
 def test_bad_pairs_stop_before_anything_is_written(tmp_path):

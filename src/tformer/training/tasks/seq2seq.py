@@ -130,12 +130,14 @@ class Seq2SeqTask:
             yield {**self._collate(self.valid, rows), "n_tokens": norm}
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Summed (label-smoothed while training) cross-entropy / batch["n_tokens"]."""
         logits = model(batch["src_ids"], batch["tgt_ids"], src_mask=batch["src_mask"],
                        tgt_mask=batch["tgt_mask"])  # (B, T, V)
         smoothing = self.label_smoothing if model.training else 0.0
         return label_smoothed_loss(logits, batch["labels"], smoothing, reduction="sum") / batch["n_tokens"]
 
     def samples(self, model: nn.Module) -> list[str]:
+        """Greedy translations of a few validation sources, with their references."""
         if self.tokenizer is None or not self.sample_sources:
             return []
         hyps = translate(model, self.tokenizer, [s for s, _ in self.sample_sources], too_long="truncate")
