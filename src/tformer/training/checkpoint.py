@@ -102,10 +102,7 @@ def verify(path: Path) -> None:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_path} is corrupted ({e})") from None
+    manifest = _read_json(path, MANIFEST)
     for name, expected in manifest.items():
         file = path / name
         if not file.is_file():
@@ -119,24 +116,22 @@ def verify(path: Path) -> None:
                                   "another checkpoint (e.g. best/)")
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _read_json(path: Path, name: str) -> Any:
+    """A JSON file of a checkpoint, with CheckpointError naming it when missing or corrupted."""
     try:
-        return json.loads((path / CONFIG).read_text(encoding="utf-8"))
+        return json.loads((path / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {CONFIG}; is it a tformer checkpoint?") from None
+        raise CheckpointError(f"{path} has no {name}; is it a tformer checkpoint?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / CONFIG} is corrupted ({e})") from None
+        raise CheckpointError(f"{path / name} is corrupted ({e})") from None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    return _read_json(Path(path), CONFIG)
 
 
 def load_progress(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads((path / PROGRESS).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {PROGRESS}; is it a tformer checkpoint?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / PROGRESS} is corrupted ({e})") from None
+    return _read_json(Path(path), PROGRESS)
 
 
 def load(path: str | Path, model: nn.Module, *, with_train_state: bool = True,
