@@ -6,9 +6,9 @@ from pathlib import Path
 import tformer
 
 SRC = Path(tformer.__file__).parent
-# config -> tokenizers -> data -> nn -> models -> inference -> training -> analysis, interop -> cli
+# config -> tokenizers -> data, metrics -> nn -> models -> inference -> training -> analysis, interop -> cli
 # (data may use tokenizers; the Trainer's samples use inference)
-RANK = {"config": 0, "files": 0, "tokenizers": 1, "data": 2, "nn": 3, "models": 4, "inference": 5,
+RANK = {"config": 0, "files": 0, "tokenizers": 1, "data": 2, "metrics": 2, "nn": 3, "models": 4, "inference": 5,
         "training": 6, "analysis": 7, "interop": 7, "federated": 7, "cli": 8, "__main__": 9}
 
 
