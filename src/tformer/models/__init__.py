@@ -10,13 +10,16 @@ from torch import nn
 
 from tformer.config import ConfigError, did_you_mean, from_dict
 from tformer.models import bert, gpt, seq2seq
-from tformer.models import transformer_xl
+from tformer.models import image_gen, transformer_xl
+from tformer.models import vit
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt": (gpt.GPTConfig, gpt.GPT),
     "transformer_xl": (transformer_xl.TransformerXLConfig, transformer_xl.TransformerXL),
     "seq2seq": (seq2seq.Seq2SeqConfig, seq2seq.Seq2Seq),
     "bert": (bert.BertConfig, bert.Bert),
+    "vit": (vit.ViTConfig, vit.ViT),
+    "image_gen": (image_gen.ImageGenConfig, image_gen.ImageGenerator),
 }
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -25,6 +28,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 PRESETS.update({name: ("seq2seq", values) for name, values in seq2seq.PRESETS.items()})
 PRESETS.update({name: ("bert", values) for name, values in bert.PRESETS.items()})
 PRESETS.update({name: ("transformer_xl", values) for name, values in transformer_xl.PRESETS.items()})
+PRESETS.update({name: ("vit", values) for name, values in vit.PRESETS.items()})
+PRESETS.update({name: ("image_gen", values) for name, values in image_gen.PRESETS.items()})
 
 
 def family_of(config: Any) -> str:

@@ -149,8 +149,9 @@ def prepare(recipe: Recipe, *, resuming: bool = False) -> Prepared:
     return prepared
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    """A trained model (weights from checkpoints/`which`) with its tokenizer and run config."""
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Tokenizer | None, dict[str, Any]]:
+    """A trained model (weights from checkpoints/`which`) with its tokenizer (None for models
+    that read no text, e.g. image models) and run config."""
     run_dir = Path(run_dir)
     check_choice("checkpoint", which, ("best", "last"))
     path = checkpoint.resolve(run_dir / "checkpoints" / which)
@@ -166,6 +167,8 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Token
     model = model_cls(from_dict(config_cls, run_config["model_config"]))
     checkpoint.load(path, model, with_train_state=False)
     tokenizer_path = run_dir / TOKENIZER_FILE
+    if not run_config.get("has_tokenizer", True):  # e.g. images conditioned on class labels
+        return model.eval(), None, run_config
     if not tokenizer_path.is_file():
         raise checkpoint.CheckpointError(f"{run_dir} has no {TOKENIZER_FILE}; the run directory "
                                          "is incomplete (copy the tokenizer the model was trained with)")
@@ -175,7 +178,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Token
 def _clear_run(run_dir: Path) -> None:
     """--fresh: forget earlier checkpoints, metrics, samples and the tokenizer of this run."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    for name in ("metrics.jsonl", "samples.txt", "loss.png", TOKENIZER_FILE):
+    for name in ("metrics.jsonl", "samples.txt", "samples.png", "loss.png", TOKENIZER_FILE):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -214,7 +217,8 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
             if not resuming:
                 _clear_run(run_dir)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                prepared.tokenizer.save(run_dir / TOKENIZER_FILE)
+                if prepared.tokenizer is not None:
+                    prepared.tokenizer.save(run_dir / TOKENIZER_FILE)
             distributed.barrier(world)
         trainer = Trainer(prepared.model, prepared.task, recipe.training, run_dir,  # DDP: all ranks
                           run_config=prepared.model_record, world=world)

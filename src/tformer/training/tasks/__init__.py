@@ -11,6 +11,8 @@ TASK_MODULES = {
     "classification": "tformer.training.tasks.classification",
     "segment_lm": "tformer.training.tasks.segment_lm",
     "seq2seq": "tformer.training.tasks.seq2seq",
+    "image_classification": "tformer.training.tasks.image_classification",
+    "image_generation": "tformer.training.tasks.image_generation",
 }
 
 __all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]
