@@ -180,14 +180,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("tformer demo: a transformer learns to draw digits on this machine's CPU cores: an encoder reads "
           "the class, a decoder writes an 8x8 image pixel by pixel (scikit-learn's 1,797 digits, no "
           "download).", flush=True)
-    steps = 3000 if args.steps is None else args.steps
-    overrides = [f"run_dir={args.run_dir}", f"training.max_steps={steps}", *(args.set or [])]
-    recipe = load_recipe(recipe_path("image-gen-digits"), overrides)
+    steps = [] if args.steps is None else [f"training.max_steps={args.steps}"]
+    recipe = load_recipe(recipe_path("image-gen-digits"), [f"run_dir={args.run_dir}", *steps, *(args.set or [])])
     start = time.perf_counter()
     result = train_recipe(recipe, fresh=True)
     minutes = (time.perf_counter() - start) / 60
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss {_fmt(result.best_val_loss)} "
-          "nats per pixel\njudging 100 samples per class with an independent classifier ...", flush=True)
+          f"nats per pixel\njudging {recipe.data.judge_samples_per_class} samples per class with an independent "
+          "classifier ...", flush=True)
     scores = evaluate_run(recipe.run_dir)
     guided = f"generated_g{recipe.data.guidance_scale:g}"
     print(f"\n{'':<28}{'recognised':>11}{'Frechet':>9}")

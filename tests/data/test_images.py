@@ -20,18 +20,15 @@ from tformer.data.images import (
     DIGIT_NAMES,
     FASHION_NAMES,
     ImageSet,
-    Palette,
     augment,
     check_image_shape,
-    fit_palette,
-    grey_palette,
     has_test_split,
     images_to_tensor,
-    kmeans_palette,
     load_images,
     read_idx,
     stratified_holdout,
 )
+from tformer.data.palette import Palette, fit_palette, grey_palette, kmeans_palette
 
 DATA_DIR = os.environ.get("TFORMER_DATA_DIR", "")
 real_data = pytest.mark.skipif(not DATA_DIR, reason="needs TFORMER_DATA_DIR (the shared data folder)")

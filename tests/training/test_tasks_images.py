@@ -120,3 +120,26 @@ def test_non_square_images_are_refused_for_vit(tmp_path: Path) -> None:
     np.savez(path, images=np.zeros((20, 8, 12), np.uint8), labels=np.arange(20) % 2)
     with pytest.raises(ConfigError, match="square images, these are 8x12"):
         prepare(recipe_from_dict(vit_recipe(tmp_path, source=str(path))))
+
+
+def test_demo_trains_the_digit_generator_and_prints_the_judges_table(tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--run-dir", str(run_dir), "--set", "model.d_model=16",
+                 "--set", "data.judge_samples_per_class=4", "--set", "training.eval_every=4"]) == 0
+    out = capsys.readouterr().out
+    for row in ("samples (guidance 2)", "held-out real digits", "per-pixel baseline", "samples.png"):
+        assert row in out
+    assert (run_dir / "samples.png").is_file()
+
+
+def test_images_of_another_size_are_refused_at_evaluation(tmp_path: Path) -> None:
+    path = tmp_path / "shapes.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), labels=np.arange(40) % 2)
+    recipe = generator_recipe(tmp_path / "run", source=str(path), levels=4)
+    recipe["training"].update(max_steps=2, batch_size=4)
+    train_recipe(recipe_from_dict(recipe))
+    np.savez(path, images=rng.integers(0, 256, (40, 10, 10), dtype=np.uint8), labels=np.arange(40) % 2)
+    with pytest.raises(ConfigError, match=r"shapes.npz holds images of \(H, W, C\) = \(10, 10, 1\) but this "
+                                          r"image generator expects \(8, 8, 1\)"):
+        evaluate_run(tmp_path / "run")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tformer.data.images import Palette
+from tformer.data.palette import Palette
 from tformer.inference.generate import Sampling, generate
 from tformer.models.image_gen import NULL, ImageGenConfig, ImageGenerator
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_fraction, check_positive
-from tformer.data.images import ImageSet, augment, has_test_split, images_to_tensor, load_images, stratified_holdout
+from tformer.data.images import ImageSet, augment, check_image_shape, has_test_split, images_to_tensor, load_images, stratified_holdout
 from tformer.models import family_of, get_config
 from tformer.models.vit import ViT
 from tformer.training.tasks.base import Batch, Prepared
@@ -107,6 +107,7 @@ def load_splits(data: DataSpec) -> tuple[ImageSet, ImageSet, ImageSet, str]:
     images = load_images(data.source, "train")
     if has_test_split(data.source):
         test, test_name = load_images(data.source, "test"), "test split"
+        check_image_shape(test, images.image_shape, f"the training images of {data.source}")
     else:
         rest, held = stratified_holdout(images.labels, data.test_fraction, data.split_seed)
         images, test = images.subset(rest), images.subset(held)
@@ -152,6 +153,8 @@ def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]
     data: DataSpec = recipe.data  # type: ignore[assignment]
     labels = model.config.labels  # type: ignore[union-attr]
     _, _, test, test_name = load_splits(data)
+    check_image_shape(test, (model.config.image_size, model.config.image_size, model.config.channels),  # type: ignore[union-attr]
+                      "this ViT")
     predicted, images_per_s = predict(model, images_to_tensor(test.images))
     metrics = classification_metrics(test.labels, predicted, len(labels))
     png = Path(recipe.run_dir) / CONFUSION_PNG

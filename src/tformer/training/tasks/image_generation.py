@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.data.images import ImageSet, fit_palette, grey_palette, has_test_split, load_images, stratified_holdout
+from tformer.data.images import ImageSet, check_image_shape, has_test_split, load_images, stratified_holdout
+from tformer.data.palette import fit_palette, grey_palette
 from tformer.inference.generate import Sampling
 from tformer.inference.images import palette_of, sample_images, save_image_grid
 from tformer.metrics.images import ImageJudge, per_pixel_baseline
@@ -181,6 +182,7 @@ def load_splits(data: DataSpec) -> tuple[ImageSet, ImageSet, ImageSet]:
     train_index, val_index = stratified_holdout(train_all.labels, data.val_fraction, data.split_seed)
     train, val = train_all.subset(train_index), train_all.subset(val_index)
     held_out = load_images(data.source, "test") if has_test_split(data.source) else val
+    check_image_shape(held_out, train.image_shape, f"the training images of {data.source}")
     return train, val, held_out
 
 
@@ -242,6 +244,7 @@ def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]
     data: DataSpec = recipe.data  # type: ignore[assignment]
     config = model.config  # type: ignore[union-attr]
     train, val, held_out = load_splits(data)
+    check_image_shape(train, (config.height, config.width, config.channels), "this image generator")
     palette = palette_of(config)
     conditions = build_conditions(data, config.labels, tokenizer)
     val_tokens = palette.quantise(val.images)
