@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tformer.config import ConfigError, check_choice
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, PICKLE_FILES, weight_files
+from tformer.interop.huggingface import CONFIG_FILE, PICKLE_FILES, gather_tensors, weight_files
 from tformer.models.bert import HEADS, Bert, BertConfig
 from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
 from tformer.training import checkpoint
@@ -147,24 +147,6 @@ def _read_tensors(root: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _gather(names: dict[str, list[str]], tensors: dict[str, Tensor],
-            shapes: dict[str, tuple]) -> tuple[dict[str, Tensor], list[str]]:
-    """Our tensors from HF ones, and the problems (missing names, shapes the config contradicts)."""
-    state, problems = {}, []
-    for ours, theirs in names.items():
-        missing = [n for n in theirs if n not in tensors]
-        if missing:
-            problems.append(f"missing tensor {missing[0]!r}")
-            continue
-        tensor = torch.cat([tensors[n] for n in theirs]) if len(theirs) > 1 else tensors[theirs[0]]
-        if tuple(tensor.shape) != shapes[ours]:
-            problems.append(f"{theirs[0]!r} has shape {tuple(tensors[theirs[0]].shape)}, config.json "
-                            f"implies {shapes[ours]} for {ours}")
-            continue
-        state[ours] = tensor
-    return state, problems
-
-
 def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Sequence[str] | None = None,
               pooling: str | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> Bert:
@@ -185,10 +167,10 @@ def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Seque
     tensors = _read_tensors(root)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}
-    state, problems = _gather(tensor_names(config), tensors, shapes)
+    state, problems = gather_tensors(tensor_names(config), tensors, shapes)
     if problems:
         raise ValueError(f"checkpoint {root} does not match its config: " + "; ".join(problems))
-    head_state, head_problems = _gather(head_tensor_names(config), tensors, shapes)
+    head_state, head_problems = gather_tensors(head_tensor_names(config), tensors, shapes)
     state.update(head_state)  # what fits; the rest of the head keeps its initialisation
     if head_problems:
         log.info("%s: %d tensors of the %s head start fresh (%s)", root, len(head_problems),

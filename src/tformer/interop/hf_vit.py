@@ -21,7 +21,8 @@ from torch import Tensor
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, INDEX_FILE, PICKLE_FILES, WEIGHTS_FILE, weight_files
+from tformer.interop.huggingface import (CONFIG_FILE, INDEX_FILE, PICKLE_FILES, WEIGHTS_FILE, gather_tensors,
+                                        weight_files)
 from tformer.models.vit import ViT, ViTConfig
 from tformer.training import checkpoint
 
@@ -126,24 +127,6 @@ def _read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, stored
 
 
-def _gather(names: dict[str, list[str]], tensors: dict[str, Tensor],
-            shapes: dict[str, tuple]) -> tuple[dict[str, Tensor], list[str]]:
-    """Our tensors from HF ones, and the problems (missing names, shapes the config contradicts)."""
-    state, problems = {}, []
-    for ours, theirs in names.items():
-        missing = [n for n in theirs if n not in tensors]
-        if missing:
-            problems.append(f"missing tensor {missing[0]!r}")
-            continue
-        tensor = torch.cat([tensors[n] for n in theirs]) if len(theirs) > 1 else tensors[theirs[0]]
-        if tuple(tensor.shape) != shapes[ours]:
-            problems.append(f"{theirs[0]!r} has shape {tuple(tensors[theirs[0]].shape)}, config.json "
-                            f"implies {shapes[ours]} for {ours}")
-            continue
-        state[ours] = tensor
-    return state, problems
-
-
 def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ViT:
     """A ViT (eval mode) with the weights of the HF ViT checkpoint directory `path`.
@@ -163,7 +146,7 @@ def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
     names = tensor_names(config, classifier=not fresh_head)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in ViT(config).state_dict().items()}
-    state, problems = _gather(names, tensors, shapes)
+    state, problems = gather_tensors(names, tensors, shapes)
     used = {n for theirs in names.values() for n in theirs}
     skipped = [n for n in tensors if n.startswith("classifier.")] if fresh_head else []
     extra = [n for n in tensors if n not in used and n not in POOLER and n not in skipped]

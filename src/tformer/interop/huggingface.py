@@ -227,3 +227,21 @@ def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None =
         shutil.rmtree(staging, ignore_errors=True)
     log.info("saved GPT-2 checkpoint to %s", root)
     return root
+
+
+def gather_tensors(names: dict[str, list[str]], tensors: dict[str, Tensor],
+            shapes: dict[str, tuple]) -> tuple[dict[str, Tensor], list[str]]:
+    """Our tensors from HF ones, and the problems (missing names, shapes the config contradicts)."""
+    state, problems = {}, []
+    for ours, theirs in names.items():
+        missing = [n for n in theirs if n not in tensors]
+        if missing:
+            problems.append(f"missing tensor {missing[0]!r}")
+            continue
+        tensor = torch.cat([tensors[n] for n in theirs]) if len(theirs) > 1 else tensors[theirs[0]]
+        if tuple(tensor.shape) != shapes[ours]:
+            problems.append(f"{theirs[0]!r} has shape {tuple(tensors[theirs[0]].shape)}, config.json "
+                            f"implies {shapes[ours]} for {ours}")
+            continue
+        state[ours] = tensor
+    return state, problems

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.models.seq2seq import DecoderConfig, Seq2SeqCache
+from tformer.models.seq2seq import BoundView, DecoderConfig, Seq2SeqCache
 from tformer.nn import MLP, Block, KVCache, MultiHeadAttention, causal, key_padding, make_activation, make_norm
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
@@ -227,7 +225,7 @@ def check_guidance(scale: float) -> None:
                          f"0 = unconditional, 1.5-4 typical), got {scale!r}")
 
 
-class BoundImageDecoder:
+class BoundImageDecoder(BoundView):
     """The decoder bound to encoded conditions: a causal LM over pixel tokens (the `CausalLM`
     protocol). With guidance s != 1 each step runs the conditional and null rows together and
     returns log p_null + s (log p_cond - log p_null). Its vocabulary includes <bos>, which is
@@ -238,20 +236,6 @@ class BoundImageDecoder:
         c = model.config
         self.config = DecoderConfig(c.n_image_tokens + 1, c.n_pixels + 1)
         self.rows = memory.shape[0] // (1 if guidance == 1.0 else 2)
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True) -> BoundImageDecoder:
-        self.model.train(mode)
-        return self
-
-    def eval(self) -> BoundImageDecoder:
-        return self.train(False)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.parameters()
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> Seq2SeqCache:

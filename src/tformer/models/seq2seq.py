@@ -261,7 +261,28 @@ class Seq2Seq(nn.Module):
                             None if src_mask is None else src_mask.bool())
 
 
-class BoundDecoder:
+class BoundView:
+    """What generation needs of a model besides calling it: its mode and parameters, taken from
+    the encoder-decoder `self.model` that this view decodes with."""
+
+    model: nn.Module
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> BoundView:
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> BoundView:
+        return self.train(False)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
+
+
+class BoundDecoder(BoundView):
     """The decoder of a Seq2Seq bound to encoded sources: a causal LM over target tokens (the
     `CausalLM` protocol), so `generate` and `beam_search` run unchanged. Row i of a batch decodes
     source i; its caches carry the cross-attention keys/values (see Seq2SeqCache)."""
@@ -269,20 +290,6 @@ class BoundDecoder:
     def __init__(self, model: Seq2Seq, memory: Tensor, src_valid: Tensor | None) -> None:
         self.model, self.memory, self.src_valid = model, memory, src_valid
         self.config = DecoderConfig(model.config.target_vocab_size, model.config.context_length)
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True) -> BoundDecoder:
-        self.model.train(mode)
-        return self
-
-    def eval(self) -> BoundDecoder:
-        return self.train(False)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.parameters()
 
     def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> Seq2SeqCache:
