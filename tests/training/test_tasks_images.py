@@ -143,3 +143,18 @@ def test_images_of_another_size_are_refused_at_evaluation(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"shapes.npz holds images of \(H, W, C\) = \(10, 10, 1\) but this "
                                           r"image generator expects \(8, 8, 1\)"):
         evaluate_run(tmp_path / "run")
+
+
+def test_colour_images_get_a_k_means_palette(tmp_path: Path) -> None:
+    path = tmp_path / "colour.npz"
+    rng = np.random.default_rng(0)
+    colours = np.array([[255, 0, 0], [0, 0, 255], [0, 255, 0]], np.uint8)
+    images = colours[rng.integers(0, 3, (60, 6, 6))]  # (60, 6, 6, 3): three pure colours
+    np.savez(path, images=images, labels=np.arange(60) % 3)
+    prepared = prepare(recipe_from_dict(generator_recipe(tmp_path, source=str(path), levels=3)))
+    config = prepared.model.config
+    assert (config.height, config.width, config.channels, config.n_image_tokens) == (6, 6, 3, 3)
+    palette = np.asarray(config.palette).reshape(3, 3)
+    assert sorted(map(tuple, np.rint(palette).astype(int))) == sorted(map(tuple, colours.astype(int)))
+    tokens = prepared.task.train_batch(0, 0, 1)["tokens"]
+    assert tokens.shape == (16, 36) and int(tokens.max()) < 3
