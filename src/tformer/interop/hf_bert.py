@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from torch import Tensor
 
 from tformer.config import ConfigError, check_choice
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, PICKLE_FILES, gather_tensors, weight_files
+from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
 from tformer.models.bert import HEADS, Bert, BertConfig
 from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
 from tformer.training import checkpoint
@@ -130,23 +128,6 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _read_tensors(root: Path) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint under its canonical name (safetensors only)."""
-    if not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")) and any(
-            (root / n).is_file() for n in PICKLE_FILES):
-        raise ValueError(f"{root} holds only pickled weights (pytorch_model.bin); tformer refuses pickles "
-                         "because loading one can run arbitrary code. Convert it once, in an environment "
-                         "you trust: `transformers.AutoModel.from_pretrained(path).save_pretrained(path, "
-                         "safe_serialization=True)` writes model.safetensors")
-    files = weight_files(root)
-    tensors: dict[str, Tensor] = {}
-    for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                tensors[_canonical(name)] = f.get_tensor(name)
-    return tensors
-
-
 def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Sequence[str] | None = None,
               pooling: str | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> Bert:
@@ -164,7 +145,7 @@ def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Seque
     if labels is not None:
         overrides["labels"] = tuple(labels)
     config = dataclasses.replace(config, **overrides)
-    tensors = _read_tensors(root)
+    tensors, _ = read_safetensors(root, _canonical, "AutoModel")
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}
     state, problems = gather_tensors(tensor_names(config), tensors, shapes)

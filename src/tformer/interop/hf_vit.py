@@ -16,13 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from torch import Tensor
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import (CONFIG_FILE, INDEX_FILE, PICKLE_FILES, WEIGHTS_FILE, gather_tensors,
-                                        weight_files)
+from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
 from tformer.models.vit import ViT, ViTConfig
 from tformer.training import checkpoint
 
@@ -107,26 +104,6 @@ def tensor_names(config: ViTConfig, *, classifier: bool = True) -> dict[str, lis
     return names
 
 
-def _read_tensors(root: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Every tensor of the checkpoint, the "vit." prefix removed (safetensors only), and each
-    one's stored name."""
-    if not any((root / n).is_file() for n in (WEIGHTS_FILE, INDEX_FILE)) and any(
-            (root / n).is_file() for n in PICKLE_FILES):
-        raise ValueError(f"{root} holds only pickled weights (pytorch_model.bin); tformer refuses pickles "
-                         "because loading one can run arbitrary code. Convert it once, in an environment "
-                         "you trust: `transformers.ViTForImageClassification.from_pretrained(path)"
-                         ".save_pretrained(path, safe_serialization=True)` writes model.safetensors")
-    files = weight_files(root)
-    tensors: dict[str, Tensor] = {}
-    stored: dict[str, str] = {}
-    for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                tensors[name.removeprefix("vit.")] = f.get_tensor(name)
-                stored[name.removeprefix("vit.")] = name
-    return tensors, stored
-
-
 def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
              dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ViT:
     """A ViT (eval mode) with the weights of the HF ViT checkpoint directory `path`.
@@ -139,7 +116,8 @@ def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
     root = Path(path)
     config = load_vit_config(root, labels=labels)
     fresh_head = labels is not None
-    tensors, stored = _read_tensors(root)
+    tensors, stored = read_safetensors(root, lambda name: name.removeprefix("vit."),
+                                       "ViTForImageClassification")
     if not fresh_head and "classifier.weight" not in tensors:
         raise ValueError(f"{root} has no classifier (a ViTModel checkpoint?); pass labels=[...] to "
                          "load its encoder under a freshly initialised classification head")

@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -245,3 +246,24 @@ def gather_tensors(names: dict[str, list[str]], tensors: dict[str, Tensor],
             continue
         state[ours] = tensor
     return state, problems
+
+
+def read_safetensors(root: Path, rename: Callable[[str], str], hf_class: str
+                     ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of an HF checkpoint folder under `rename(stored name)`, and each one's stored
+    name. A folder with only pickled weights is refused (loading one can run arbitrary code) with
+    the one-time conversion through `transformers.<hf_class>`."""
+    if not any((root / n).is_file() for n in (WEIGHTS_FILE, INDEX_FILE)) and any(
+            (root / n).is_file() for n in PICKLE_FILES):
+        raise ValueError(f"{root} holds only pickled weights (pytorch_model.bin); tformer refuses pickles "
+                         "because loading one can run arbitrary code. Convert it once, in an environment "
+                         f"you trust: `transformers.{hf_class}.from_pretrained(path).save_pretrained(path, "
+                         "safe_serialization=True)` writes model.safetensors")
+    tensors: dict[str, Tensor] = {}
+    stored: dict[str, str] = {}
+    for file in sorted(set(weight_files(root).values())):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                tensors[rename(name)] = f.get_tensor(name)
+                stored[rename(name)] = name
+    return tensors, stored
