@@ -1,14 +1,25 @@
-"""File helpers shared by every package: atomic JSON writes, fsync, checksums, JSON reads with
-errors that name the file. A crash or an error never leaves half a file behind."""
+"""File helpers shared by every package: atomic writes (bytes, text, JSON, any writer that takes a
+path, whole folders), fsync, checksums, JSON reads with errors that name the file. A crash or an
+error never leaves half a file behind.
+
+Every temporary name is hidden (a leading dot) and carries the process id and a random part, so
+two writers never share one; it sits beside its target so the final rename stays on one filesystem.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -25,32 +36,121 @@ def fsync_file(path: str | Path) -> None:
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make a rename inside `path` durable (POSIX; elsewhere folders cannot be opened, a no-op)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash or
-    an error leaves either the old file or the new one, never half of one."""
+def _unique() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """A hidden name beside `path`, unique to this process and call, that keeps `path`'s suffix
+    (so `savefig` or PIL still pick the format): `dir/.loss.png.1234-89abcdef.tmp.png`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_unique()}.tmp{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for any writer that wants a file name (`fig.savefig`,
+    safetensors `save_file`, `open(..., "wb")`). When the block ends normally the file is fsynced
+    and renamed over `path`; when it raises, the file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"nothing was written to {tmp} for {path}")
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename: the old file or the new one, never half of one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a UTF-8 text file in one rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = None) -> None:
+    """Replace a JSON file in one rename."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=indent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for sub in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        if sub.is_file():
+            fsync_file(sub)
+        elif sub.is_dir():
+            fsync_dir(sub)
+    fsync_dir(folder)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `path` (`.tmp-NAME-PID-RANDOM`) to fill. When the block ends
+    normally every file in it is fsynced, an existing `path` is moved aside (`.old-NAME-...`), the
+    new folder renamed into place, then the old one removed. When the block raises, the temporary
+    folder is removed and `path` is left as it was. A crash at any moment leaves the old folder or
+    the new one; `recover_directory` finds the old one after a crash between the two renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{_unique()}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed folder
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = path.parent / f".old-{path.name}-{_unique()}"
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the previous folder back
+            raise
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_directory(path: str | Path, is_complete: Callable[[Path], bool]) -> bool:
+    """After a crash inside `atomic_directory(path)`: remove unfinished temporary folders and, when
+    `path` is not complete, rename the newest complete previous folder back to `path`. Whether a
+    complete folder is now at `path`."""
+    path = Path(path)
+    for debris in path.parent.glob(f".tmp-{path.name}-*"):  # a write that never finished
+        shutil.rmtree(debris, ignore_errors=True)
+    if is_complete(path):
+        return True
+    survivors = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
+    survivors = [p for p in survivors if is_complete(p)]
+    if not survivors:
+        return False
+    log.warning("%s was being replaced when the run stopped; using the previous one (%s)",
+                path, survivors[-1].name)
+    os.replace(survivors[-1], path)
+    return True
 
 
 def read_json(path: str | Path, what: str) -> dict:
@@ -65,18 +165,3 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace a text file in one rename (temporary file in the same folder, fsynced)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
@@ -18,6 +16,7 @@ import torch
 
 from tformer.config import check_fraction, did_you_mean
 from tformer.data.datasets import DATASETS, Progress, cache_root, get_dataset, resolve_dataset
+from tformer.files import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -118,59 +117,27 @@ def split_at_line_breaks(text: str, chunk_chars: int) -> Iterator[str]:
     yield text[start:]
 
 
-def _fsync_replace(tmp: str, path: Path) -> None:
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache may be shared
-    os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_tokens(text: str, tokenizer: TextEncoder, path: Path, dtype: type, chunk_chars: int,
                   progress: Optional[Progress]) -> int:
     """Tokenize chunk by chunk into a temporary file, fsync, rename to `path`; the token count."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n_tokens, done, vocab = 0, 0, tokenizer.vocab_size
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # only tokenizers that declare it (byte-level BPE, chars) give the same ids chunk by
-            # chunk; others (e.g. SentencePiece's Metaspace, which marks each input's start) get
-            # the whole text at once
-            safe = getattr(tokenizer, "splits_safely_at_line_breaks", False)
-            for chunk in split_at_line_breaks(text, chunk_chars) if safe else [text]:
-                ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-                    bad = ids[(ids < 0) | (ids >= vocab)][0]
-                    raise CorpusError(f"the tokenizer returned id {bad}, outside its vocab_size {vocab}")
-                f.write(ids.astype(dtype).tobytes())
-                n_tokens, done = n_tokens + ids.size, done + len(chunk)
-                if progress is not None:
-                    progress("tokenize", done, len(text))
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # only tokenizers that declare it (byte-level BPE, chars) give the same ids chunk by
+        # chunk; others (e.g. SentencePiece's Metaspace, which marks each input's start) get
+        # the whole text at once
+        safe = getattr(tokenizer, "splits_safely_at_line_breaks", False)
+        for chunk in split_at_line_breaks(text, chunk_chars) if safe else [text]:
+            ids = np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                bad = ids[(ids < 0) | (ids >= vocab)][0]
+                raise CorpusError(f"the tokenizer returned id {bad}, outside its vocab_size {vocab}")
+            f.write(ids.astype(dtype).tobytes())
+            n_tokens, done = n_tokens + ids.size, done + len(chunk)
+            if progress is not None:
+                progress("tokenize", done, len(text))
         if n_tokens == 0:
             raise CorpusError("the tokenizer produced no tokens for this text")
-        _fsync_replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return n_tokens
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _open_cache(bin_path: Path, meta_path: Path, expected: dict) -> Optional[np.memmap]:
@@ -251,8 +218,9 @@ class TokenizedCorpus:
             log.info("tokenizing %s (%d characters) into %s", name, len(text), bin_path)
             meta_path.unlink(missing_ok=True)  # from here on, no stale metadata can vouch for the .bin
             n_tokens = _write_tokens(text, tokenizer, bin_path, dtype, chunk_chars, progress)
-            _write_json(meta_path, {**expected, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens,
-                                    "n_chars": len(text), "source": name})
+            write_json_atomic(meta_path, {**expected, "dtype": np.dtype(dtype).name,
+                                          "n_tokens": n_tokens, "n_chars": len(text), "source": name},
+                              indent=1)
             tokens = _open_cache(bin_path, meta_path, expected)
             if tokens is None:
                 raise CorpusError(f"token cache {bin_path} could not be read back after writing it")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from tformer.data.palette import Palette
+from tformer.files import atomic_path
 from tformer.inference.generate import Sampling, generate
 from tformer.models.image_gen import NULL, ImageGenConfig, ImageGenerator
 
@@ -127,8 +128,6 @@ def save_image_grid(images: np.ndarray, row_titles: Sequence[str], path: str | P
     for row, title in enumerate(row_titles):
         draw.text((4, row * cell_h + cell_h // 2 - 6), title, fill="black")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tformer.config import ConfigError
-from tformer.files import read_json
+from tformer.files import atomic_directory, atomic_path, read_json
 from tformer.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -193,7 +191,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None =
               eos_token_id: int | None = None) -> Path:
     """Write `model` as an HF GPT-2 checkpoint (config.json + model.safetensors) at `path`.
 
-    Everything is written to a temporary directory beside `path` first and moved in by rename,
+    Everything is written to temporary files beside `path` first (fsynced) and moved in by rename,
     so a failure leaves `path` as it was. Other files in an existing directory (a tokenizer) stay.
     The token ids go to config.json (GPTConfig does not know them).
     """
@@ -210,22 +208,18 @@ def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None =
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a directory")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.{uuid.uuid4().hex}.partial"
-    staging.mkdir()  # not mkdtemp: its 0700 mode would stick to the renamed checkpoint
-    try:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        if root.exists():  # one rename per file; load_gpt2 checks shapes against config.json
-            stale = [name for name in (INDEX_FILE, *PICKLE_FILES) if (root / name).exists()]
-            if stale:
-                log.warning("%s also holds %s; %s takes precedence when loading", root, stale, WEIGHTS_FILE)
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(staging / name, root / name)
-        else:
-            os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    config_text = json.dumps(hf_config, indent=2) + "\n"
+    if root.exists():  # both written, then one rename each; load_gpt2 checks shapes against config.json
+        stale = [name for name in (INDEX_FILE, *PICKLE_FILES) if (root / name).exists()]
+        if stale:
+            log.warning("%s also holds %s; %s takes precedence when loading", root, stale, WEIGHTS_FILE)
+        with atomic_path(root / CONFIG_FILE) as config_tmp, atomic_path(root / WEIGHTS_FILE) as weights_tmp:
+            save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+            config_tmp.write_text(config_text, encoding="utf-8")
+    else:
+        with atomic_directory(root) as staging:
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
     log.info("saved GPT-2 checkpoint to %s", root)
     return root
 

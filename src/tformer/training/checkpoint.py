@@ -1,19 +1,15 @@
 """Checkpoints: safetensors weights, optimizer/RNG state loaded with `weights_only=True`, JSON
 config and progress, and a manifest of sizes and hashes. Nothing here unpickles code.
 
-A checkpoint is a folder written atomically: files go to a hidden temporary folder (each
-fsynced), the old folder is moved aside, the new one renamed into place, then the old one
-removed. A crash at any moment leaves the old checkpoint or the new one; `resolve` finds the
-one that survived a crash between the two renames.
+A checkpoint is a folder written atomically by `files.atomic_directory`: files go to a hidden
+temporary folder (each fsynced), the old folder is moved aside, the new one renamed into place,
+then the old one removed. A crash at any moment leaves the old checkpoint or the new one;
+`resolve` finds the one that survived a crash between the two renames.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from tformer.files import fsync_dir, fsync_file, sha256_file
-
-log = logging.getLogger(__name__)
+from tformer.files import atomic_directory, recover_directory, sha256_file
 
 WEIGHTS, STATE, PROGRESS, CONFIG, MANIFEST = ("model.safetensors", "train_state.pt", "progress.json",
                                               "config.json", "manifest.json")
@@ -53,10 +47,7 @@ def save(path: str | Path, model: nn.Module, *, progress: dict[str, Any], config
          train_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder at `path` atomically (replacing an older one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:  # fsynced, swapped in by rename; see recover_directory
         save_model(model, str(tmp / WEIGHTS))  # shared (tied) tensors are stored once
         if train_state is not None:
             torch.save(train_state, tmp / STATE)
@@ -65,36 +56,13 @@ def save(path: str | Path, model: nn.Module, *, progress: dict[str, Any], config
         files = sorted(p.name for p in tmp.iterdir())
         _write_json(tmp / MANIFEST, {name: {"bytes": (tmp / name).stat().st_size,
                                             "sha256": sha256_file(tmp / name)} for name in files})
-        for name in [*files, MANIFEST]:
-            fsync_file(tmp / name)
-        fsync_dir(tmp)
-        old = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
 def resolve(path: str | Path) -> Path | None:
     """The checkpoint folder at `path`, or the previous one if a crash came between the renames."""
     path = Path(path)
-    for debris in path.parent.glob(f".tmp-{path.name}-*"):  # a write that never finished
-        shutil.rmtree(debris, ignore_errors=True)
-    if (path / MANIFEST).is_file():
-        return path
-    survivors = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
-    survivors = [p for p in survivors if (p / MANIFEST).is_file()]
-    if survivors:
-        log.warning("checkpoint %s was being replaced when the run stopped; using the previous "
-                    "one (%s)", path, survivors[-1].name)
-        os.replace(survivors[-1], path)
-        return path
-    return None
+    return path if recover_directory(path, lambda folder: (folder / MANIFEST).is_file()) else None
 
 
 def verify(path: Path) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from tformer.files import write_text_atomic
+from tformer.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,11 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 class Reporter:
