@@ -62,8 +62,8 @@ def test_cross_attention_projects_context_once_with_a_cache():
 def test_grouped_query_attention_equals_repeated_key_value_heads():
     """GQA with 2 KV heads == full MHA whose K/V projections repeat each KV head's weights."""
     torch.manual_seed(3)
-    gqa = MultiHeadAttention(D_MODEL, HEADS, n_kv_heads=2, bias=False)
-    mha = MultiHeadAttention(D_MODEL, HEADS, bias=False)
+    gqa = MultiHeadAttention(D_MODEL, HEADS, n_kv_heads=2, qkv_bias=False, out_bias=False)
+    mha = MultiHeadAttention(D_MODEL, HEADS, qkv_bias=False, out_bias=False)
     hd = D_MODEL // HEADS
     wq, wk, wv = gqa.qkv_proj.weight.split([D_MODEL, 2 * hd, 2 * hd])
     expand = lambda w: w.view(2, hd, D_MODEL).repeat_interleave(2, 0).reshape(-1, D_MODEL)  # noqa: E731
@@ -112,3 +112,13 @@ def test_qk_norm_normalises_each_head():
     q, k, _ = attn._project_self(x)
     q = attn.q_norm(q)
     torch.testing.assert_close(q.pow(2).mean(-1), torch.ones(1, HEADS, 4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("d_context", [None, D_MODEL])
+def test_qkv_and_output_biases_are_separate(d_context: int | None) -> None:
+    attn = MultiHeadAttention(D_MODEL, HEADS, d_context=d_context, qkv_bias=False, out_bias=True)
+    inputs = [attn.q_proj, attn.kv_proj] if d_context else [attn.qkv_proj]
+    assert all(p.bias is None for p in inputs) and attn.out_proj.bias is not None
+    attn = MultiHeadAttention(D_MODEL, HEADS, d_context=d_context, qkv_bias=True, out_bias=False)
+    inputs = [attn.q_proj, attn.kv_proj] if d_context else [attn.qkv_proj]
+    assert all(p.bias is not None for p in inputs) and attn.out_proj.bias is None

@@ -112,8 +112,8 @@ def build_block(config: GPTConfig) -> Block:
     d, bias = config.d_model, config.bias
     qk_norm = ((lambda dim: make_norm(config.norm, dim, eps=config.norm_eps, bias=bias))
                if config.qk_norm else None)
-    attn = MultiHeadAttention(d, config.n_heads, config.n_kv_heads, bias=bias, dropout=config.dropout,
-                              backend=config.attn_backend, qk_norm=qk_norm)
+    attn = MultiHeadAttention(d, config.n_heads, config.n_kv_heads, qkv_bias=bias, out_bias=bias,
+                              dropout=config.dropout, backend=config.attn_backend, qk_norm=qk_norm)
     if config.activation == "swiglu":
         ffn: nn.Module = SwiGLU(d, config.ffn_dim, bias=bias, dropout=config.dropout)
     else:

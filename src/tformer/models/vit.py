@@ -124,10 +124,9 @@ def sincos_2d_positions(grid_size: int, dim: int, base: float = 10000.0) -> Tens
 def build_block(config: ViTConfig) -> Block:
     """Pre-norm: x = x + drop(attn(LN(x))); x = x + drop(W2 drop(gelu(W1 LN(x)))) (timm's Block)."""
     d = config.d_model
-    attn = MultiHeadAttention(d, config.n_heads, dropout=config.attention_dropout,
-                              backend=config.attn_backend)
-    if not config.qkv_bias:  # timm/HF: qkv_bias covers q, k, v only; out_proj keeps its bias
-        attn.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+    # timm/HF: qkv_bias covers q, k, v only; the output projection always has a bias
+    attn = MultiHeadAttention(d, config.n_heads, qkv_bias=config.qkv_bias, out_bias=True,
+                              dropout=config.attention_dropout, backend=config.attn_backend)
     ffn = MLP(d, config.ffn_dim, make_activation(config.activation), dropout=config.dropout)
     norm = lambda: make_norm(config.norm, d, eps=config.norm_eps)  # noqa: E731
     return Block(attn, ffn, norm, pre_norm=True, dropout=config.dropout)

@@ -18,11 +18,14 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention uses one fused QKV projection laid out [q heads | k heads | v heads]; pass
     `d_context` to build cross-attention instead (queries from x, keys/values from a context).
+    `qkv_bias` covers the q, k, v projections, `out_bias` the output projection (ViT checkpoints
+    without qkv bias keep the output one; Llama-style models drop both).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
-                 d_context: int | None = None, bias: bool = True, dropout: float = 0.0,
-                 backend: str = "sdpa", qk_norm: Callable[[int], nn.Module] | None = None) -> None:
+                 d_context: int | None = None, qkv_bias: bool = True, out_bias: bool = True,
+                 dropout: float = 0.0, backend: str = "sdpa",
+                 qk_norm: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -34,11 +37,11 @@ class MultiHeadAttention(nn.Module):
         q_dim, kv_dim = n_heads * self.head_dim, n_kv_heads * self.head_dim
         self.is_cross = d_context is not None
         if self.is_cross:
-            self.q_proj = nn.Linear(d_model, q_dim, bias=bias)
-            self.kv_proj = nn.Linear(d_context, 2 * kv_dim, bias=bias)
+            self.q_proj = nn.Linear(d_model, q_dim, bias=qkv_bias)
+            self.kv_proj = nn.Linear(d_context, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv_proj = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=bias)
-        self.out_proj = nn.Linear(q_dim, d_model, bias=bias)
+            self.qkv_proj = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(q_dim, d_model, bias=out_bias)
         self.q_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.dropout = dropout
