@@ -11,6 +11,7 @@ from torch import nn
 from tformer.config import ConfigError
 from tformer.models import PRESETS, build_model, get_config
 from tformer.models.bert import Bert, BertConfig, build_block, mean_pool
+from tformer.nn import AttentionInputs
 
 TINY = dict(vocab_size=50, context_length=16, n_layers=2, n_heads=2, d_model=16, dropout=0.0,
             attn_dropout=0.0)
@@ -41,7 +42,7 @@ def test_post_norm_block_matches_torch_encoder_layer() -> None:
     valid = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]).bool()
     from tformer.nn import key_padding
 
-    ours = block(x, key_padding(valid))
+    ours = block(x, AttentionInputs(key_padding(valid)))
     theirs = ref(x, src_key_padding_mask=~valid)
     assert torch.allclose(ours[valid], theirs[valid], atol=1e-5)
 

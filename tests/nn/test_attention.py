@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.nn import CrossKV, KVCache, MultiHeadAttention, RotaryEmbedding, causal, key_padding
+from tformer.nn import (AttentionInputs, CrossKV, KVCache, MultiHeadAttention, RotaryEmbedding, causal,
+                        key_padding)
 
 D_MODEL, HEADS = 32, 4
 
@@ -32,7 +33,7 @@ def test_self_attention_equals_torch_multihead_attention(backend):
     causal_float = torch.triu(torch.full((10, 10), float("-inf")), 1)
     expected, _ = ref(x, x, x, attn_mask=causal_float, need_weights=False)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, causal()), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x, AttentionInputs(causal())), expected, atol=1e-5, rtol=0)
 
 
 def test_cross_attention_with_key_padding_equals_torch():
@@ -43,18 +44,20 @@ def test_cross_attention_with_key_padding_equals_torch():
     valid = torch.ones(2, 11, dtype=torch.bool)
     valid[1, 8:] = False
     expected, _ = ref(x, context, context, key_padding_mask=~valid, need_weights=False)
-    torch.testing.assert_close(ours(x, key_padding(valid), context=context), expected, atol=1e-5, rtol=0)
+    ours_out = ours(x, AttentionInputs(key_padding(valid), context=context))
+    torch.testing.assert_close(ours_out, expected, atol=1e-5, rtol=0)
 
 
 def test_cross_attention_projects_context_once_with_a_cache():
     torch.manual_seed(2)
     attn = MultiHeadAttention(D_MODEL, HEADS, d_context=D_MODEL).eval()
     x, context = torch.randn(1, 5, D_MODEL), torch.randn(1, 9, D_MODEL)
-    full = attn(x, context=context)
+    full = attn(x, AttentionInputs(context=context))
     cache = CrossKV()
     calls = []
     attn.kv_proj.register_forward_hook(lambda *_: calls.append(1))
-    steps = [attn(x[:, i:i + 1], context=context if i == 0 else None, cache=cache) for i in range(5)]
+    steps = [attn(x[:, i:i + 1], AttentionInputs(context=context if i == 0 else None, cache=cache))
+             for i in range(5)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-6, rtol=0)
     assert len(calls) == 1
 
@@ -71,7 +74,8 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
         mha.qkv_proj.weight.copy_(torch.cat([wq, expand(wk), expand(wv)]))
         mha.out_proj.weight.copy_(gqa.out_proj.weight)
     x = torch.randn(2, 6, D_MODEL)
-    torch.testing.assert_close(gqa(x, causal()), mha(x, causal()), atol=1e-6, rtol=0)
+    inputs = AttentionInputs(causal())
+    torch.testing.assert_close(gqa(x, inputs), mha(x, inputs), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
@@ -81,13 +85,13 @@ def test_kv_cache_steps_equal_full_attention(n_kv_heads):
     rope = RotaryEmbedding(D_MODEL // HEADS, 32)
     x = torch.randn(2, 9, D_MODEL)
     positions = torch.arange(9).unsqueeze(0)
-    full = attn(x, causal(), rope=rope(positions))
+    full = attn(x, AttentionInputs(causal(), rope=rope(positions)))
     cache = KVCache(1, 2, n_kv_heads, D_MODEL // HEADS, 16)
     outputs = []
     for start, stop in [(0, 4), (4, 5), (5, 9)]:
         pos = cache.append(torch.ones(2, stop - start, dtype=torch.bool))
         mask = causal() & key_padding(cache.valid)
-        outputs.append(attn(x[:, start:stop], mask, rope=rope(pos), cache=cache.layers[0]))
+        outputs.append(attn(x[:, start:stop], AttentionInputs(mask, rope=rope(pos), cache=cache.layers[0])))
     torch.testing.assert_close(torch.cat(outputs, 1), full, atol=1e-5, rtol=0)
 
 
@@ -109,9 +113,11 @@ def test_qk_norm_normalises_each_head():
     torch.manual_seed(5)
     attn = MultiHeadAttention(D_MODEL, HEADS, qk_norm=lambda d: nn.RMSNorm(d))
     x = torch.randn(1, 4, D_MODEL) * 100
-    q, k, _ = attn._project_self(x)
-    q = attn.q_norm(q)
-    torch.testing.assert_close(q.pow(2).mean(-1), torch.ones(1, HEADS, 4), atol=1e-4, rtol=0)
+    seen = []
+    attn.qk.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    attn(x)
+    for t in seen[0]:  # q and k as the scores see them
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(1, HEADS, 4), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("d_context", [None, D_MODEL])

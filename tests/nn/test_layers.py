@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.nn import (MLP, Block, LearnedPositions, MultiHeadAttention, PatchEmbedding,
-                        RotaryEmbedding, SinusoidalPositions, SwiGLU, TokenEmbedding, alibi_slopes,
-                        apply_rotary, causal, full, key_padding, make_activation, make_norm,
+from tformer.nn import (MLP, AttentionInputs, Block, LearnedPositions, MultiHeadAttention,
+                        PatchEmbedding, RotaryEmbedding, SinusoidalPositions, SwiGLU, TokenEmbedding,
+                        alibi_slopes, apply_rotary, causal, full, key_padding, make_activation, make_norm,
                         prefix_lm, sliding_window)
 
 
@@ -107,7 +107,7 @@ def test_post_norm_block_equals_torch_transformer_encoder_layer():
         block.attn_norm.load_state_dict(ref.norm1.state_dict())
         block.ffn_norm.load_state_dict(ref.norm2.state_dict())
     x = torch.randn(2, 5, d)
-    torch.testing.assert_close(block(x, full()), ref(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(block(x, AttentionInputs(full())), ref(x), atol=1e-5, rtol=0)
 
 
 def test_token_embedding_names_an_out_of_range_id():

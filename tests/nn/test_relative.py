@@ -6,7 +6,7 @@ import torch
 
 from tformer.nn import causal
 from tformer.nn.masks import Mask
-from tformer.nn.relative import (RelativeMultiHeadAttention, position_scores, rel_shift,
+from tformer.nn.relative import (RelativeInputs, RelativeMultiHeadAttention, position_scores, rel_shift,
                                  relative_attention, relative_attention_reference,
                                  relative_sinusoids)
 
@@ -82,9 +82,9 @@ def test_module_backends_agree():
         torch.nn.init.normal_(p, std=0.5)
     x, memory = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
     pos = relative_sinusoids(8, 16)
-    ref = attn(x, memory, pos, causal())
+    ref = attn(x, RelativeInputs(pos, causal(), memory))
     attn.backend = "sdpa"
-    torch.testing.assert_close(attn(x, memory, pos, causal()), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, RelativeInputs(pos, causal(), memory)), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_scores_depend_only_on_distance():
@@ -93,10 +93,10 @@ def test_scores_depend_only_on_distance():
     torch.manual_seed(0)
     attn = RelativeMultiHeadAttention(16, 2)
     x = torch.randn(1, 6, 16)
-    alone = attn(x, None, relative_sinusoids(6, 16), causal())
+    alone = attn(x, RelativeInputs(relative_sinusoids(6, 16), causal()))
     memory = torch.randn(1, 4, 16)
     hide_memory = causal() & Mask(lambda b, h, q, kv: kv >= 4, "no_memory")
-    behind = attn(x, memory, relative_sinusoids(10, 16), hide_memory)
+    behind = attn(x, RelativeInputs(relative_sinusoids(10, 16), hide_memory, memory))
     torch.testing.assert_close(behind, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -114,6 +114,6 @@ def test_bad_arguments_are_refused():
         RelativeMultiHeadAttention(15, 2)
     attn = RelativeMultiHeadAttention(16, 2)
     with pytest.raises(ValueError, match="pos has 5 rows, expected one per key \\(8\\)"):
-        attn(torch.randn(1, 4, 16), torch.randn(1, 4, 16), relative_sinusoids(5, 16), causal())
+        attn(torch.randn(1, 4, 16), RelativeInputs(relative_sinusoids(5, 16), causal(), torch.randn(1, 4, 16)))
     with pytest.raises(ValueError, match="at least one key"):
         relative_sinusoids(0, 16)

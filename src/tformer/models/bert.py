@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
 from tformer.nn import (
     MLP,
+    AttentionInputs,
     Block,
     LearnedPositions,
     MultiHeadAttention,
@@ -228,7 +229,7 @@ class Bert(nn.Module):
         x = self.drop(self.emb_norm(self.tok_emb(ids) + self.pos_emb(positions) + self.type_emb(types)))
         mask = None if attention_mask is None else key_padding(attention_mask.bool())
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, AttentionInputs(mask))
         return x
 
     def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
@@ -242,3 +243,23 @@ class Bert(nn.Module):
         if predict_at is not None:
             return self.head(hidden[predict_at], None)  # (N, D) -> (N, out)
         return self.head(hidden, valid)
+
+    # -- the TextClassifier capability (tformer.models.protocols) ----------------------------------
+    def unsupported(self) -> tuple[type, ...]:
+        """Without a sequence head there are no classes to predict."""
+        from tformer.models.protocols import Classifier
+
+        return () if self.config.head == "sequence" else (Classifier,)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names of the sequence head, in output order (a sequence head has at least 2)."""
+        return self.config.labels
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.context_length
+
+    def classify(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
+        """[CLS] ... [SEP] ids (B, T), mask (B, T) 1 for tokens -> logits (B, n_labels)."""
+        return self(inputs, attention_mask=mask)

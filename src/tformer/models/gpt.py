@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.nn import (ALiBi, Block, KVCache, LearnedPositions, MLP, MultiHeadAttention,
+from tformer.nn import (ALiBi, AttentionInputs, Block, KVCache, LearnedPositions, MLP, MultiHeadAttention,
                         RotaryEmbedding, SinusoidalPositions, SwiGLU, TokenEmbedding, causal,
                         key_padding, make_activation, make_norm)
 from tformer.nn.attend import BACKENDS
@@ -245,5 +245,5 @@ class GPT(nn.Module):
         bias = self.alibi() if self.alibi is not None else None
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, mask, bias=bias, rope=rope, cache=layer_cache)
+            x = block(x, AttentionInputs(mask, bias=bias, rope=rope, cache=layer_cache))
         return self.lm_head(self.norm(x))

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
+from tformer.data.palette import Palette
 from tformer.models.seq2seq import BoundView, DecoderConfig, Seq2SeqCache
-from tformer.nn import MLP, Block, KVCache, MultiHeadAttention, causal, key_padding, make_activation, make_norm
+from tformer.nn import MLP, AttentionInputs, Block, KVCache, MultiHeadAttention, causal, key_padding, make_activation, make_norm
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.norm import NORMS
@@ -163,7 +165,7 @@ class ImageGenerator(nn.Module):
         x = self.drop(self.cond_emb(cond_ids) + self.cond_pos(positions))
         mask = None if cond_mask is None else key_padding(cond_mask.bool())
         for block in self.encoder:
-            x = block(x, mask)
+            x = block(x, AttentionInputs(mask))
         return self.encoder_norm(x)
 
     def pixel_positions(self, positions: Tensor) -> Tensor:
@@ -188,8 +190,9 @@ class ImageGenerator(nn.Module):
         context_mask = None if cond_valid is None else key_padding(cond_valid)
         x = self.drop(self.pixel_emb(ids) + self.pixel_positions(positions))
         for i, block in enumerate(self.decoder):
-            x = block(x, self_mask, cache=None if cache is None else cache.layers[i], context=memory,
-                      context_mask=context_mask, cross_cache=None if cache is None else cache.cross[i])
+            x = block(x, AttentionInputs(self_mask, cache=None if cache is None else cache.layers[i]),
+                      AttentionInputs(context_mask, context=memory,
+                                      cache=None if cache is None else cache.cross[i]))
         if cache is not None:
             cache.memory = None  # projected into cache.cross by every layer
         return self.head(self.decoder_norm(x))
@@ -217,6 +220,20 @@ class ImageGenerator(nn.Module):
             cond_ids, cond_mask = torch.cat([cond_ids, null_ids]), torch.cat([real_mask, null_mask])
         valid = None if cond_mask is None else cond_mask.bool()
         return BoundImageDecoder(self, self.encode(cond_ids, valid), valid, guidance_scale)
+
+
+    # -- the ImageSampler capability (tformer.models.protocols) -----------------------------------
+    def condition_names(self) -> tuple[str, ...]:
+        """The class names it was trained on (a text model also takes other prompts)."""
+        return self.config.labels
+
+    def palette(self) -> Palette:
+        c = self.config
+        return Palette(np.asarray(c.palette, dtype=np.float32).reshape(-1, c.channels))
+
+    def to_images(self, tokens: Tensor) -> np.ndarray:
+        """Pixel tokens (N, H*W) -> uint8 images (N, H, W, C) through the palette."""
+        return self.palette().dequantise(tokens.cpu().numpy(), self.config.height, self.config.width)
 
 
 def check_guidance(scale: float) -> None:

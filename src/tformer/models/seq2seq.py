@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.nn import (MLP, Block, CrossKV, KVCache, MultiHeadAttention, SinusoidalPositions,
+from tformer.nn import (MLP, AttentionInputs, Block, CrossKV, KVCache, MultiHeadAttention, SinusoidalPositions,
                         TokenEmbedding, causal, key_padding, make_activation, make_norm)
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
@@ -216,7 +216,7 @@ class Seq2Seq(nn.Module):
         mask = None if valid is None else key_padding(valid)
         x = self._embed(self.src_emb, src_ids, positions_of(src_ids, valid))
         for block in self.encoder:
-            x = block(x, mask)
+            x = block(x, AttentionInputs(mask))
         return self.encoder_norm(x)
 
     def decode(self, tgt_ids: Tensor, memory: Tensor | None, *, src_mask: Tensor | None = None,
@@ -242,8 +242,9 @@ class Seq2Seq(nn.Module):
         context_mask = None if src_valid is None else key_padding(src_valid)
         x = self._embed(self.tgt_emb, tgt_ids, positions)
         for i, block in enumerate(self.decoder):
-            x = block(x, self_mask, cache=None if cache is None else cache.layers[i], context=memory,
-                      context_mask=context_mask, cross_cache=None if cache is None else cache.cross[i])
+            x = block(x, AttentionInputs(self_mask, cache=None if cache is None else cache.layers[i]),
+                      AttentionInputs(context_mask, context=memory,
+                                      cache=None if cache is None else cache.cross[i]))
         if cache is not None:
             cache.memory = None  # every layer has projected it into cache.cross
         return self.out_proj(self.decoder_norm(x))

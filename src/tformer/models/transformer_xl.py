@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.nn import MLP, Mask, TokenEmbedding, causal
-from tformer.nn.relative import BACKENDS, RelativeMultiHeadAttention, relative_sinusoids
+from tformer.nn import MLP, Block, Mask, TokenEmbedding, causal
+from tformer.nn.relative import (BACKENDS, RelativeInputs, RelativeMultiHeadAttention,
+                                 relative_sinusoids)
 
 
 @dataclass(frozen=True)
@@ -115,28 +116,19 @@ def same_document(docs: Tensor) -> Mask:
     return Mask(lambda b, h, q, kv: docs[b, kv] == docs[b, q], "same_document", batch_dependent=True)
 
 
-class TransformerXLLayer(nn.Module):
+def build_layer(config: TransformerXLConfig) -> Block[RelativeInputs]:
     """Relative multi-head attention over [SG(memory); x], then a ReLU feed-forward, each with a
     residual connection and LayerNorm (post-norm as in the paper, or pre-norm)."""
-
-    def __init__(self, config: TransformerXLConfig) -> None:
-        super().__init__()
-        d = config.d_model
-        self.attn = RelativeMultiHeadAttention(d, config.n_heads, dropout=config.attn_dropout,
-                                               backend=config.attn_backend)
-        self.ffn = MLP(d, config.d_ff, nn.ReLU(), dropout=config.dropout)
-        self.attn_norm, self.ffn_norm = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop = nn.Dropout(config.dropout)
-        self.pre_norm = config.pre_norm
-
-    def forward(self, x: Tensor, memory: Tensor | None, pos: Tensor, mask: Mask) -> Tensor:
-        """x: (B, T, d); memory: (B, M, d) or None; pos: (M + T, d). -> (B, T, d)."""
-        if self.pre_norm:
-            memory = None if memory is None else self.attn_norm(memory)
-            x = x + self.drop(self.attn(self.attn_norm(x), memory, pos, mask))
-            return x + self.drop(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, memory, pos, mask)))
-        return self.ffn_norm(x + self.drop(self.ffn(x)))
+    d = config.d_model
+    attn = RelativeMultiHeadAttention(d, config.n_heads, dropout=config.attn_dropout,
+                                      backend=config.attn_backend)
+    ffn = MLP(d, config.d_ff, nn.ReLU(), dropout=config.dropout)
+    block = Block(attn, ffn, lambda: nn.LayerNorm(d), pre_norm=config.pre_norm, dropout=config.dropout)
+    # parameters in the order of checkpoints written when this layer was its own class (attn,
+    # ffn, then the norms): optimizer state is saved by parameter position, not by name
+    for name in ("attn_norm", "ffn_norm"):
+        block._modules[name] = block._modules.pop(name)  # moves it to the end
+    return block
 
 
 class TransformerXL(nn.Module):
@@ -147,7 +139,7 @@ class TransformerXL(nn.Module):
         self.config = config
         self.tok_emb = TokenEmbedding(config.vocab_size, config.d_model, scale=True)  # x sqrt(d)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(TransformerXLLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(build_layer(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model) if config.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -224,6 +216,13 @@ class TransformerXL(nn.Module):
             docs = None if one_document else docs
         return Memory(states, keep, docs)
 
+    def _memory_input(self, layer: Block[RelativeInputs], states: Tensor) -> Tensor | None:
+        """What a layer's keys/values read from its memory (B, M, d): pre-norm normalises the
+        memory with the layer's attention norm, as the block does to x; None when empty."""
+        if states.shape[1] == 0:
+            return None
+        return layer.attn_norm(states) if self.config.pre_norm else states
+
     def forward(self, ids: Tensor, memory: Memory | None = None, *,
                 resets: Tensor | None = None) -> TransformerXLOutput:
         """ids: (B, T) long; memory: from `new_memory` or the previous call (None: a fresh one of
@@ -240,7 +239,7 @@ class TransformerXL(nn.Module):
         hidden = []
         for layer, layer_memory in zip(self.layers, memory.states):
             hidden.append(x)  # the memory of layer n holds its inputs (h^{n-1})
-            x = layer(x, layer_memory if M else None, pos, mask)
+            x = layer(x, RelativeInputs(pos, mask, self._memory_input(layer, layer_memory)))
         logits = self.lm_head(self.drop(self.norm(x)))
         return TransformerXLOutput(logits, self._next_memory(memory, hidden, docs))
 
@@ -253,5 +252,5 @@ def count_parameters(config: TransformerXLConfig) -> int:
     return config.vocab_size * d + L * per_layer + head + (2 * d if config.pre_norm else 0)
 
 
-__all__ = ["Memory", "PRESETS", "TransformerXL", "TransformerXLConfig", "TransformerXLLayer",
-           "TransformerXLOutput", "count_parameters", "same_document"]
+__all__ = ["Memory", "PRESETS", "TransformerXL", "TransformerXLConfig", "TransformerXLOutput",
+           "build_layer", "count_parameters", "same_document"]

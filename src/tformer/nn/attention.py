@@ -1,7 +1,9 @@
-"""Multi-head attention: self- or cross-attention, grouped key/value heads, KV cache."""
+"""Multi-head attention: self- or cross-attention, grouped key/value heads, KV cache, and
+`AttentionInputs`, what one call reads besides the hidden states."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import Tensor, nn
@@ -10,6 +12,30 @@ from tformer.nn.attend import ScoreBias, get_backend
 from tformer.nn.kv_cache import CrossKV, LayerKV
 from tformer.nn.masks import Mask
 from tformer.nn.position import apply_rotary
+from tformer.nn.probe import QKProbe
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """Everything a MultiHeadAttention call reads besides x; a model builds one per layer and
+    call, a `Block` hands it through without looking inside.
+
+    mask:    attention pattern over absolute positions (queries offset by a cache)
+    bias:    additive score bias (ALiBi), indexed like the mask
+    rope:    (cos, sin) of the new tokens' positions, (B, 1, T, head_dim) each
+    cache:   LayerKV (self-attention: new keys appended, all cached keys attended) or CrossKV
+             (cross-attention: context keys/values projected on the first call only)
+    context: (B, S, d_context), what cross-attention's keys/values are projected from
+    """
+
+    mask: Mask | None = None
+    bias: ScoreBias | None = None
+    rope: tuple[Tensor, Tensor] | None = None
+    cache: LayerKV | CrossKV | None = None
+    context: Tensor | None = None
+
+
+NO_INPUTS = AttentionInputs()
 
 
 class MultiHeadAttention(nn.Module):
@@ -19,7 +45,8 @@ class MultiHeadAttention(nn.Module):
     Self-attention uses one fused QKV projection laid out [q heads | k heads | v heads]; pass
     `d_context` to build cross-attention instead (queries from x, keys/values from a context).
     `qkv_bias` covers the q, k, v projections, `out_bias` the output projection (ViT checkpoints
-    without qkv bias keep the output one; Llama-style models drop both).
+    without qkv bias keep the output one; Llama-style models drop both). Queries and keys pass
+    through `self.qk` (a `QKProbe`) just before the scores: hook it to read them.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
@@ -44,6 +71,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(q_dim, d_model, bias=out_bias)
         self.q_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.qk = QKProbe()
         self.dropout = dropout
         self.backend = backend
         self.attend = get_backend(backend)
@@ -52,49 +80,50 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
 
-    def _project_self(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project_self(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor, Tensor,
+                                                                         int | Tensor]:
+        """q (B, H, T, D) and every key/value the queries see (B, Hkv, K, D), with the absolute
+        position of the first query (the cache's write offset, else 0)."""
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        return (self._split_heads(q, self.n_heads), self._split_heads(k, self.n_kv_heads),
-                self._split_heads(v, self.n_kv_heads))
+        q = self.q_norm(self._split_heads(q, self.n_heads))
+        k = self.k_norm(self._split_heads(k, self.n_kv_heads))
+        v = self._split_heads(v, self.n_kv_heads)
+        if inputs.rope is not None:
+            q, k = apply_rotary(q, *inputs.rope), apply_rotary(k, *inputs.rope)
+        if isinstance(inputs.cache, LayerKV):
+            k, v = inputs.cache.update(k, v)  # (B, Hkv, max_len, D)
+            return q, k, v, inputs.cache.cache.offset
+        return q, k, v, 0
 
-    def _project_context(self, context: Tensor, cross_cache: CrossKV | None) -> tuple[Tensor, Tensor]:
-        if cross_cache is not None and cross_cache.keys is not None:
-            return cross_cache.keys, cross_cache.values  # projected once per source
-        k, v = self.kv_proj(context).chunk(2, dim=-1)
+    def _project_cross(self, x: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D) from x; keys/values (B, Hkv, S, D) from the context, or from the
+        CrossKV cache once it holds them (projected once per source)."""
+        cache = inputs.cache if isinstance(inputs.cache, CrossKV) else None
+        if inputs.context is None and not (cache is not None and cache.keys is not None):
+            raise ValueError("cross-attention needs a context (encoder output)")
+        q = self.q_norm(self._split_heads(self.q_proj(x), self.n_heads))
+        if cache is not None and cache.keys is not None:
+            return q, cache.keys, cache.values
+        k, v = self.kv_proj(inputs.context).chunk(2, dim=-1)
         k, v = self.k_norm(self._split_heads(k, self.n_kv_heads)), self._split_heads(v, self.n_kv_heads)
-        if cross_cache is not None:
-            cross_cache.keys, cross_cache.values = k, v
-        return k, v
+        if cache is not None:
+            cache.keys, cache.values = k, v
+        return q, k, v
 
-    def forward(self, x: Tensor, mask: Mask | None = None, *, context: Tensor | None = None,
-                bias: ScoreBias | None = None, rope: tuple[Tensor, Tensor] | None = None,
-                cache: LayerKV | CrossKV | None = None) -> Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model).
-
-        mask/bias: attention pattern and additive score bias, indexed by absolute positions.
-        rope: (cos, sin) for the new tokens, (B, 1, T, head_dim) each.
-        cache: a LayerKV (self-attention: new keys are appended, all cached keys attended) or
-        a CrossKV (cross-attention: context keys/values projected on the first call only).
-        """
+    def forward(self, x: Tensor, inputs: AttentionInputs | None = None) -> Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model); see `AttentionInputs` for the rest."""
+        inputs = NO_INPUTS if inputs is None else inputs
         q_offset: int | Tensor = 0
         if self.is_cross:
-            if context is None and not (isinstance(cache, CrossKV) and cache.keys is not None):
-                raise ValueError("cross-attention needs a context (encoder output)")
-            q = self.q_norm(self._split_heads(self.q_proj(x), self.n_heads))
-            k, v = self._project_context(context, cache)
+            q, k, v = self._project_cross(x, inputs)
         else:
-            q, k, v = self._project_self(x)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            if isinstance(cache, LayerKV):
-                k, v = cache.update(k, v)  # (B, Hkv, max_len, D)
-                q_offset = cache.cache.offset
+            q, k, v, q_offset = self._project_self(x, inputs)
+        q, k = self.qk(q, k)  # hook point: the queries and keys the scores are made of
         if self.n_kv_heads != self.n_heads:  # grouped-query: each KV head serves a group of q heads
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.dropout if self.training else 0.0
-        out = self.attend(q, k, v, mask, bias=bias, q_offset=q_offset, dropout=dropout)
+        out = self.attend(q, k, v, inputs.mask, bias=inputs.bias, q_offset=q_offset, dropout=dropout)
         B, _, T, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))

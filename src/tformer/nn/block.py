@@ -1,23 +1,37 @@
-"""The residual Transformer block: self-attention, optional cross-attention, feed-forward."""
+"""The residual Transformer block: self-attention, optional cross-attention, feed-forward.
+
+The block owns the residual wiring and the norms; the attention is injected, and whatever it
+reads besides the hidden states (masks, positions, caches, a recurrent memory) travels as one
+inputs object that the block hands over without looking inside:
+
+    Block(MultiHeadAttention(...), MLP(...), norm)            block(x, AttentionInputs(mask, rope=rope))
+    Block(RelativeMultiHeadAttention(...), MLP(...), norm)    block(x, RelativeInputs(pos, mask, memory))
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generic, Protocol, TypeVar
 
 from torch import Tensor, nn
 
-from tformer.nn.attend import ScoreBias
-from tformer.nn.attention import MultiHeadAttention
-from tformer.nn.kv_cache import CrossKV, LayerKV
-from tformer.nn.masks import Mask
+from tformer.nn.attention import AttentionInputs
+
+I = TypeVar("I", contravariant=True)  # what the injected attention reads besides x
 
 
-class Block(nn.Module):
+class Attention(Protocol[I]):
+    """An attention sub-layer: (B, T, d) hidden states and its own inputs -> (B, T, d)."""
+
+    def __call__(self, x: Tensor, inputs: I) -> Tensor: ...
+
+
+class Block(nn.Module, Generic[I]):
     """Pre-norm (GPT-2 and later): x + f(norm(x)). Post-norm (Vaswani et al., BERT):
-    norm(x + f(x)). Sub-layers are injected; `norm` builds one fresh norm per sub-layer."""
+    norm(x + f(x)). Sub-layers are injected; `norm` builds one fresh norm per sub-layer.
+    `cross_attn` (a cross-attention MultiHeadAttention) reads `AttentionInputs` with a context."""
 
-    def __init__(self, attn: MultiHeadAttention, ffn: nn.Module, norm: Callable[[], nn.Module], *,
-                 cross_attn: MultiHeadAttention | None = None, pre_norm: bool = True,
+    def __init__(self, attn: Attention[I], ffn: nn.Module, norm: Callable[[], nn.Module], *,
+                 cross_attn: Attention[AttentionInputs] | None = None, pre_norm: bool = True,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.attn, self.attn_norm = attn, norm()
@@ -32,14 +46,11 @@ class Block(nn.Module):
             return x + self.dropout(sublayer(norm(x)))
         return norm(x + self.dropout(sublayer(x)))
 
-    def forward(self, x: Tensor, mask: Mask | None = None, *, bias: ScoreBias | None = None,
-                rope: tuple[Tensor, Tensor] | None = None, cache: LayerKV | None = None,
-                context: Tensor | None = None, context_mask: Mask | None = None,
-                cross_cache: CrossKV | None = None) -> Tensor:
-        """x: (B, T, d_model); context: (B, S, d_context) for cross-attention."""
-        x = self._residual(x, self.attn_norm,
-                           lambda h: self.attn(h, mask, bias=bias, rope=rope, cache=cache))
+    def forward(self, x: Tensor, inputs: I | None = None,
+                cross_inputs: AttentionInputs | None = None) -> Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model). inputs: the self-attention's (None: its
+        defaults, e.g. no mask); cross_inputs: the cross-attention's, with the context."""
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, inputs))
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
-                h, context_mask, context=context, cache=cross_cache))
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, cross_inputs))
         return self._residual(x, self.ffn_norm, self.ffn)

@@ -11,6 +11,8 @@ paper's appendix B, then hands it to any attention backend as an additive `Score
 eager add the tensor as it is, FlexAttention reads it in a `score_mod`. The content term goes
 through the backend's own q·k as softmax((q + u)·k · scale + BD · scale).
 `relative_attention_reference` gathers r for every (i, j) explicitly: slow, obviously right.
+`RelativeMultiHeadAttention` is the module a `Block` injects; `RelativeInputs` is what it reads
+besides x.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from tformer.nn.attend import ScoreBias, get_backend
 from tformer.nn.masks import Mask
 from tformer.nn.position import sinusoid_table
+from tformer.nn.probe import QKProbe
 
 BACKENDS = ("sdpa", "flex", "eager", "reference")
 
@@ -113,9 +116,24 @@ def relative_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, con
     return F.dropout(weights, p=dropout) @ v
 
 
+@dataclass(frozen=True, eq=False)
+class RelativeInputs:
+    """What a RelativeMultiHeadAttention call reads besides x (B, T, d).
+
+    pos:    (M + T, d) encodings R in descending distance (`relative_sinusoids`)
+    mask:   over queries at absolute positions M..M+T-1 and keys 0..M+T-1
+    memory: (B, M, d) hidden states of earlier segments (already detached), or None
+    """
+
+    pos: Tensor
+    mask: Mask
+    memory: Tensor | None = None
+
+
 class RelativeMultiHeadAttention(nn.Module):
     """Multi-head self-attention over [memory; x] with relative positions (no projection biases,
-    as in the paper). forward(x (B, T, d), memory (B, M, d) | None, pos (M+T, d), mask)."""
+    as in the paper). forward(x (B, T, d), RelativeInputs) -> (B, T, d). Queries and keys pass
+    through `self.qk` (a `QKProbe`) before the scores: hook it to read them."""
 
     def __init__(self, d_model: int, n_heads: int, *, dropout: float = 0.0,
                  backend: str = "sdpa") -> None:
@@ -133,30 +151,35 @@ class RelativeMultiHeadAttention(nn.Module):
         self.content_bias = nn.Parameter(torch.zeros(d_model))
         self.position_bias = nn.Parameter(torch.zeros(d_model))
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.qk = QKProbe()
         self.dropout, self.backend = dropout, backend
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
-    def forward(self, x: Tensor, memory: Tensor | None, pos: Tensor, mask: Mask) -> Tensor:
-        """x: (B, T, d); memory: (B, M, d) hidden states of earlier segments (already detached)
-        or None; pos: (M + T, d) encodings R in descending distance; mask: over queries at
-        absolute positions M..M+T-1 and keys 0..M+T-1. -> (B, T, d)."""
+    def _project(self, x: Tensor, memory: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D) from x; k, v (B, H, M + T, D) from [memory; x]."""
         context = x if memory is None or memory.shape[1] == 0 else torch.cat([memory, x], dim=1)
-        q = self._heads(self.q_proj(x))  # (B, H, T, D)
-        k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))  # (B, H, K, D)
-        K = context.shape[1]
-        if pos.shape[0] != K:
-            raise ValueError(f"pos has {pos.shape[0]} rows, expected one per key ({K})")
-        r = self.pos_proj(pos).view(K, self.n_heads, self.head_dim).transpose(0, 1)  # (H, K, D)
+        q = self._heads(self.q_proj(x))
+        k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))
+        return q, k, v
+
+    def forward(self, x: Tensor, inputs: RelativeInputs) -> Tensor:
+        """x: (B, T, d) -> (B, T, d); see `RelativeInputs` for the rest."""
+        q, k, v = self._project(x, inputs.memory)
+        q, k = self.qk(q, k)  # hook point: the queries and keys of the content term
+        K = k.shape[2]
+        if inputs.pos.shape[0] != K:
+            raise ValueError(f"pos has {inputs.pos.shape[0]} rows, expected one per key ({K})")
+        r = self.pos_proj(inputs.pos).view(K, self.n_heads, self.head_dim).transpose(0, 1)  # (H, K, D)
         u = self.content_bias.view(self.n_heads, self.head_dim)
         v_bias = self.position_bias.view(self.n_heads, self.head_dim)
         dropout = self.dropout if self.training else 0.0
         if self.backend == "reference":
-            out = relative_attention_reference(q, k, v, r, u, v_bias, mask, dropout=dropout)
+            out = relative_attention_reference(q, k, v, r, u, v_bias, inputs.mask, dropout=dropout)
         else:
-            out = relative_attention(q, k, v, r, u, v_bias, mask, backend=self.backend,
+            out = relative_attention(q, k, v, r, u, v_bias, inputs.mask, backend=self.backend,
                                      dropout=dropout)
         B, _, T, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
