@@ -32,7 +32,8 @@ import torch
 
 from tformer.config import apply_overrides, load_mapping
 from tformer.data.labelled import load_labelled, stratified_folds
-from tformer.training.recipe import Recipe, load_run, recipe_from_dict, task_module, train_recipe
+from tformer.runs import open_run
+from tformer.training.recipe import Recipe, recipe_from_dict, task_module, train_recipe
 
 log = logging.getLogger("bench_sentiment")
 RECIPES = resources.files("tformer") / "recipes"
@@ -71,8 +72,8 @@ def train_and_evaluate(r: Recipe) -> dict[str, Any]:
     """Train in a fresh run directory, then the task's evaluation of the best checkpoint."""
     start = clock()
     train_recipe(r, fresh=True)
-    model, tokenizer, _ = load_run(r.run_dir)
-    result = task_module(r.task).evaluate(r, model, tokenizer)
+    run = open_run(r.run_dir)
+    result = task_module(r.task).evaluate(r.settings, run.model, run.tokenizer)
     return {**result, **since(start)}
 
 

@@ -30,7 +30,8 @@ import torch
 
 from tformer.data.datasets import resolve_dataset
 from tformer.inference.translate import translate
-from tformer.training.recipe import load_recipe, load_run, train_recipe
+from tformer.runs import open_run
+from tformer.training.recipe import load_recipe, train_recipe
 from tformer.training.tasks.seq2seq import corpus_scores, evaluate, load_splits
 
 log = logging.getLogger("bench_translation")
@@ -131,10 +132,11 @@ def run_pair(name: str, steps: int | None, run_root: Path) -> dict:
     trained = train_recipe(recipe, fresh=True)
     results.update(steps=trained.step, best_val_loss=trained.best_val_loss,
                    train_cpu_s=cpu_seconds() - cpu, train_wall_s=time.perf_counter() - wall)
-    model, tokenizer, _ = load_run(recipe.run_dir)
+    run = open_run(recipe.run_dir)
+    model, tokenizer = run.model, run.tokenizer
     results["parameters"] = sum(p.numel() for p in model.parameters())
     cpu = cpu_seconds()
-    results["beam"] = evaluate(recipe, model, tokenizer)
+    results["beam"] = evaluate(recipe.settings, model, tokenizer)
     results["beam_cpu_s"] = cpu_seconds() - cpu
     pairs, _, _, test = load_splits(recipe.data)
     cpu = cpu_seconds()

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (shown as one line); anything else is a bug (traceback)."""
     from tformer.data.datasets import FetchError
-    from tformer.training.checkpoint import CheckpointError
+    from tformer.runs import CheckpointError
     from tformer.training.trainer import TrainingError
 
     return (ValueError, OSError, CheckpointError, TrainingError, FetchError)
@@ -49,78 +49,116 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tformer.inference import Sampling, stream
-    from tformer.tokenizers.base import decode_stream
-    from tformer.training.recipe import load_run
+    """Stream text from a language model, or write an image grid from an image generator."""
+    from tformer.inference.generate import text_sampling
+    from tformer.inference.pipeline import pipeline
 
-    model, tokenizer, run_config = load_run(args.run_dir, args.checkpoint)
-    if run_config["model_family"] == "image_gen":
-        return generate_image_grid(args, model, tokenizer, run_config)
-    if run_config["model_family"] in ("vit", "bert"):
-        raise ValueError(f"{args.run_dir} holds a {run_config['model_family']} classifier, which generates "
-                         "nothing; use tformer evaluate")
+    p = pipeline(args.run_dir, args.checkpoint)
+    if "draw" in p.verbs:
+        return generate_image_grid(args, p)
     if args.conditions:
         raise ValueError("--condition is for image generators; give text with --prompt")
-    if run_config["model_family"] == "seq2seq":
-        raise ValueError(f"{args.run_dir} is a translation model: use tformer translate {args.run_dir} TEXT")
-    args.prompt = "\n" if args.prompt is None else args.prompt
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        raise ValueError("the prompt encodes to no tokens; give some text with --prompt")
-    sampling = Sampling(_default(args.temperature, 0.8), _default(args.top_k, 200), args.top_p,
-                        args.repetition_penalty)
-    sys.stdout.write(args.prompt)
-    if run_config["model_family"] == "transformer_xl":  # segment memory instead of a KV cache
-        from tformer.training.tasks.segment_lm import generate as generate_with_memory
-
-        out = generate_with_memory(model, prompt, args.max_new_tokens, sampling, seed=args.seed)
-        new_tokens = iter(out[len(prompt):].tolist())
-    else:
-        steps = stream(model, [prompt], args.max_new_tokens, sampling, seed=args.seed, sliding=True)
-        new_tokens = (int(token[0]) for token in steps)
-    for piece in decode_stream(tokenizer, new_tokens):
+    if "generate" not in p.verbs:
+        raise ValueError(f"{args.run_dir} holds a model that generates no text (it can: {', '.join(p.verbs)}); "
+                         f"use tformer predict {args.run_dir} ...")
+    prompt = "\n" if args.prompt is None else args.prompt
+    sampling = text_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sys.stdout.write(prompt)
+    for piece in p.stream(prompt, args.max_new_tokens, sampling, seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def _default(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def generate_image_grid(args: argparse.Namespace, model: object, tokenizer: object, run_config: dict) -> None:
-    """`tformer generate` on an image generator: a PNG grid, one row per condition."""
+def _image_sampling(args: argparse.Namespace, p: object) -> tuple[object, float]:
     from tformer.inference import Sampling
-    from tformer.inference.images import sample_images, save_image_grid
 
-    data = run_config.get("recipe", {}).get("data", {})
-    config = model.config  # type: ignore[attr-defined]
+    sampling, guidance = p.image_defaults()  # type: ignore[attr-defined]
+    sampling = Sampling(sampling.temperature if args.temperature is None else args.temperature,
+                        sampling.top_k if args.top_k is None else args.top_k, args.top_p)
+    return sampling, guidance if args.guidance is None else args.guidance
+
+
+def generate_image_grid(args: argparse.Namespace, p: object) -> None:
+    """`tformer generate` on an image generator: a PNG grid, one row per condition."""
+    from tformer.inference.images import save_image_grid
+
     conditions = list(args.conditions or []) + ([args.prompt] if args.prompt is not None else [])
-    if not conditions:  # one row per class
-        template = (data.get("prompts") or ["{name}"])[0] if config.condition == "text" else "{name}"
-        conditions = [template.format(name=name) for name in config.labels]
-    sampling = Sampling(_default(args.temperature, data.get("temperature", 1.0)),
-                        args.top_k if args.top_k is not None else data.get("top_k"), args.top_p)
-    guidance = _default(args.guidance, data.get("guidance_scale", 1.0))
-    images = sample_images(model, conditions, args.n, sampling, guidance_scale=guidance,  # type: ignore[arg-type]
-                           seed=args.seed, tokenizer=tokenizer)
+    conditions = conditions or p.default_conditions()  # type: ignore[attr-defined]
+    sampling, guidance = _image_sampling(args, p)
+    images = p.draw(conditions, args.n, guidance=guidance, sampling=sampling, seed=args.seed)  # type: ignore[attr-defined]
     out = save_image_grid(images, [str(c) for c in conditions], args.out or Path(args.run_dir) / "generated.png")
     print(f"{len(images)} images ({args.n} per condition, guidance {guidance:g}) written to {out}")
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
-    from tformer.inference.translate import translate
-    from tformer.training.recipe import load_run
+    from tformer.inference.pipeline import pipeline
 
-    model, tokenizer, run_config = load_run(args.run_dir, args.checkpoint)
-    if run_config["model_family"] != "seq2seq":
-        raise ValueError(f"{args.run_dir} holds a {run_config['model_family']} model; translate needs a "
-                         "seq2seq run (tformer generate is for language models)")
+    p = pipeline(args.run_dir, args.checkpoint)
     sentences = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sentences:
         raise ValueError("nothing to translate: give sentences as arguments or on standard input")
-    for hypothesis in translate(model, tokenizer, sentences, beam_width=args.beam, too_long="truncate"):
+    for hypothesis in p.translate(sentences, beam_width=args.beam):
         print(hypothesis)
+
+
+def read_inputs(args: argparse.Namespace) -> list[str]:
+    """Inputs from arguments, then --file (one per line), else standard input (one per line)."""
+    inputs = list(args.inputs)
+    for name in args.file or []:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--file {name}: no such file")
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"--file {name} is not UTF-8 text; give a text file with one input per line "
+                             "(image files go as arguments)") from None
+        if not lines:
+            raise ValueError(f"--file {name} holds no inputs (no non-empty lines); put one input per line")
+        inputs += lines
+    if not inputs and not args.file:
+        inputs = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not inputs:
+        raise ValueError("no inputs: give them as arguments, with --file (one per line) or on standard input")
+    return inputs
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """What the run's model does, on each input: classify, continue, translate or draw."""
+    import json
+
+    from tformer.inference.images import save_image_grid
+    from tformer.inference.pipeline import pipeline
+
+    p = pipeline(args.run_dir, args.checkpoint)
+    inputs = read_inputs(args)
+    verb = (p.verbs or ["nothing"])[0]
+    if verb == "draw":
+        sampling, guidance = _image_sampling(args, p)
+        images = p.draw(inputs, args.n, guidance=guidance, sampling=sampling, seed=args.seed)
+        out = save_image_grid(images, inputs, args.out or Path(args.run_dir) / "predicted.png")
+        rows = [{"input": c, "images": args.n, "grid": str(out)} for c in inputs]
+    elif verb == "generate":
+        from tformer.inference.generate import text_sampling
+
+        sampling = text_sampling(args.temperature, args.top_k, args.top_p)
+        rows = [{"input": x, "output": x + p.generate(x, args.max_new_tokens, sampling, seed=args.seed)}
+                for x in inputs]
+    elif verb == "translate":
+        rows = [{"input": x, "output": y} for x, y in zip(inputs, p.translate(inputs))]
+    else:
+        rows = [prediction.to_dict() for prediction in p.classify(inputs)]
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False) if args.json else _plain(row))
+
+
+def _plain(row: dict) -> str:
+    if "probabilities" in row:
+        return f"{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{row['input']}"
+    if "grid" in row:
+        return f"{row['input']}: {row['images']} images in {row['grid']}"
+    return row["output"]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -201,8 +239,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def demo_shakespeare(args: argparse.Namespace) -> None:
     from tformer.data.datasets import DatasetNotFoundError, fetch_dataset, resolve_dataset
-    from tformer.inference import Sampling, generate
-    from tformer.training.recipe import load_recipe, load_run, train_recipe
+    from tformer.inference.pipeline import pipeline
+    from tformer.training.recipe import load_recipe, train_recipe
 
     print("tformer demo shakespeare: a character-level GPT (4 layers, 128 dims) learns Shakespeare on this "
           "machine's CPU cores.", flush=True)
@@ -217,10 +255,7 @@ def demo_shakespeare(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = train_recipe(recipe, fresh=True)
     minutes = (time.perf_counter() - start) / 60
-    model, tokenizer, _ = load_run(recipe.run_dir, "best")
-    out = generate(model, [tokenizer.encode("\n")], 400, Sampling(temperature=0.8, top_k=200),
-                   seed=0, sliding=True)
-    sample = tokenizer.decode(out[0].tolist())
+    sample = "\n" + pipeline(recipe.run_dir).generate("\n", 400, seed=0)
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss "
           f"{_fmt(result.best_val_loss)} (nats/char)\n\n--- a sample ---{sample}\n")
     print(f"run directory: {Path(recipe.run_dir).resolve()} (metrics.jsonl, loss.png, samples.txt, "
@@ -272,6 +307,24 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("predict", help="what a trained run's model does, on your inputs: classify "
+                       "sentences or images, continue prompts, translate, draw")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="*", help="sentences, image files, prompts or conditions (default: "
+                   "--file, else standard input, one per line)")
+    p.add_argument("-f", "--file", action="append", help="a text file with one input per line (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--max-new-tokens", type=int, default=200, help="language models")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=int, default=8, help="image generators: images per condition")
+    p.add_argument("--guidance", type=float, default=None, help="image generators (default: the recipe's)")
+    p.add_argument("--out", default=None, help="image generators: PNG path (default: RUN_DIR/predicted.png)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="the task's metrics of a trained run (loss, perplexity, "
                                         "accuracy, BLEU, ...)")

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from tformer.config import ConfigError  # noqa: E402
 from tformer.interop.hf_bert import convert_bert, load_bert, load_bert_tokenizer  # noqa: E402
 from tformer.models.bert import mean_pool  # noqa: E402
-from tformer.training.recipe import load_run  # noqa: E402
+from tformer.runs import open_run  # noqa: E402
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=48, max_position_embeddings=40, type_vocab_size=2)
@@ -169,7 +169,8 @@ def test_convert_then_load_run_gives_the_same_model(tmp_path: Path) -> None:
     tokenizer = minilm_dir() / "tokenizer.json"
     (tmp_path / "hf" / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     run = convert_bert(tmp_path / "hf", tmp_path / "run")
-    model, loaded_tokenizer, record = load_run(run)
+    opened = open_run(run)
+    model, loaded_tokenizer, record = opened.model, opened.tokenizer, opened.record
     assert record["model_family"] == "bert" and loaded_tokenizer.vocab_size == 30522
     ids, mask, _ = padded_batch()
     with torch.no_grad():

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from tformer.config import ConfigError  # noqa: E402
 from tformer.interop.hf_vit import convert_vit, load_vit  # noqa: E402
-from tformer.training.recipe import load_run  # noqa: E402
+from tformer.runs import open_run  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             image_size=16, patch_size=4, num_channels=3, num_labels=5)
@@ -125,7 +125,8 @@ def test_missing_extra_and_misshapen_tensors_are_named(tmp_path: Path, change: s
 
 def test_convert_then_load_run_gives_the_same_model(tmp_path: Path) -> None:
     hf = make_hf(tmp_path / "hf", num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"})
-    model, tokenizer, record = load_run(convert_vit(tmp_path / "hf", tmp_path / "run"))
+    run = open_run(convert_vit(tmp_path / "hf", tmp_path / "run"))
+    model, tokenizer, record = run.model, run.tokenizer, run.record
     assert record["model_family"] == "vit" and tokenizer is None
     assert model.config.labels == ("cat", "dog", "bird")
     x = images()

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from tformer.config import ConfigError
 from tformer.inference import GREEDY
+from tformer.inference.memory import generate_with_memory as generate
 from tformer.models.transformer_xl import TransformerXL, TransformerXLConfig
 from tformer.training import TrainConfig, Trainer
 from tformer.training.recipe import evaluate_run, load_recipe, recipe_from_dict, train_recipe
-from tformer.training.tasks.segment_lm import (SegmentLMTask, TokenStreams, evaluate_streams,
-                                               generate, shard_rows)
+from tformer.training.tasks.segment_lm import SegmentLMTask, TokenStreams, evaluate_streams, shard_rows
 
 VOCAB, SEG, MEM = 23, 8, 8
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 3000).astype(np.uint16)
@@ -182,5 +182,5 @@ def test_recipe_errors_name_the_problem(tmp_path):
     bad = recipe_from_dict({"task": "segment_lm", "model": {"preset": "gpt-nano"},
                             "data": {"source": str(tmp_path / "corpus.txt")},
                             "run_dir": str(tmp_path / "gpt")})
-    with pytest.raises(ConfigError, match="task segment_lm needs a Transformer-XL model"):
+    with pytest.raises(ConfigError, match="task segment_lm needs a model that is a MemoryLM; preset 'gpt-nano' builds a gpt"):
         train_recipe(bad)

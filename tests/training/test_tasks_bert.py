@@ -17,18 +17,9 @@ import torch
 from tformer.config import ConfigError
 from tformer.data.labelled import LabelledDataError, SpecialIds
 from tformer.tokenizers import BPETokenizer, CharTokenizer, HFJsonTokenizer
-from tformer.training import checkpoint
-from tformer.training.recipe import (
-    evaluate_run,
-    load_recipe,
-    load_run,
-    prepare,
-    recipe_from_dict,
-    train_recipe,
-)
+from tformer.runs import CheckpointError, checkpoint, find_checkpoint, open_run
+from tformer.training.recipe import evaluate_run, load_recipe, prepare, recipe_from_dict, train_recipe
 from tformer.training.tasks import classification
-from tformer.training.tasks.bert_init import find_checkpoint
-from tformer.training.tasks.classification import classification_metrics
 from tformer.training.tasks.masked_lm import IGNORE, Masker, word_boundaries
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -127,7 +118,7 @@ def test_batches_are_pure_and_shard_exactly(files: dict, tmp_path: Path) -> None
         whole = task.train_batch(7, 0, 1)
         again = task.train_batch(7, 0, 1)
         halves = [task.train_batch(7, shard, 2) for shard in range(2)]
-        for key, value in whole.items():
+        for key, value in whole.tensors.items():
             assert torch.equal(value, again[key])
             if key == "ids" and task is clf.task:  # shards pad to their own longest sentence
                 continue
@@ -143,17 +134,19 @@ def test_pretrain_then_fine_tune_from_it(files: dict, tmp_path: Path) -> None:
     assert 0 <= evaluate_run(tmp_path / "mlm")["masked_accuracy"] <= 1
     tuned = recipe("classification", tmp_path / "clf", {"source": str(files["tsv"]), "fold": 1}, steps=40,
                    pooling="mean")
+    with pytest.raises(ConfigError, match="tokenizer.kind=file"):  # a fresh BPE would not fit the weights
+        prepare(with_init(tuned, tmp_path / "mlm"))
+    assert not (tmp_path / "clf").exists()
     tuned = dataclasses.replace(with_init(tuned, tmp_path / "mlm"), tokenizer=dataclasses.replace(
         tuned.tokenizer, kind="file", path=str(tmp_path / "mlm" / "tokenizer.json")))
     start = prepare(tuned).model.state_dict()
     pretrained = checkpoint.load_config(tmp_path / "mlm" / "checkpoints" / "best")
     assert pretrained["model_config"]["head"] == "mlm"
-    pretrained_weights = load_run(tmp_path / "mlm")[0].state_dict()
+    pretrained_weights = open_run(tmp_path / "mlm").model.state_dict()
     for name in ("tok_emb.weight", "blocks.0.attn.qkv_proj.weight", "emb_norm.bias"):
         assert torch.equal(start[name], pretrained_weights[name])
     train_recipe(tuned)
-    model, tokenizer, _ = load_run(tmp_path / "clf")
-    result = classification.evaluate(tuned, model, tokenizer)  # evaluate_run, once recipes keep init_from
+    result = evaluate_run(tmp_path / "clf")
     assert result["labels"] == ["neg", "pos"] and result["split"] == "fold 1 of 5"
     progress = checkpoint.load_progress(tmp_path / "clf" / "checkpoints" / "best")
     assert progress["best_val_loss"] < 0.6 and result["accuracy"] > 0.6  # learned; chance: ln 2, 0.5
@@ -172,9 +165,9 @@ def test_any_label_set_and_unseen_labels_at_evaluation(tmp_path: Path) -> None:
     (tmp_path / "new.tsv").write_text("label\ttext\njoy\tHooray!\ndisgust\tThe sink smelled awful.\n")
     saved = json.loads((tmp_path / "emo" / "checkpoints" / "best" / "config.json").read_text())
     saved["recipe"]["data"]["test_source"] = str(tmp_path / "new.tsv")
-    model, tokenizer, _ = load_run(tmp_path / "emo")
+    run = open_run(tmp_path / "emo")
     with pytest.raises(LabelledDataError, match=r"new.tsv line 3: label 'disgust' is not one the model"):
-        classification.evaluate(recipe_from_dict(saved["recipe"]), model, tokenizer)
+        classification.evaluate(recipe_from_dict(saved["recipe"]).settings, run.model, run.tokenizer)
     assert before == {p: p.read_bytes() for p in (tmp_path / "emo" / "checkpoints").rglob("*") if p.is_file()}
 
 
@@ -189,14 +182,14 @@ def test_too_long_can_be_refused(files: dict, tmp_path: Path) -> None:
 
 def test_init_from_is_checked_before_anything_is_written(files: dict, tmp_path: Path) -> None:
     r = with_init(recipe("classification", tmp_path / "run", {"source": str(files["tsv"])}), tmp_path)
-    with pytest.raises(ConfigError, match="tokenizer.kind=file"):
+    with pytest.raises(CheckpointError, match="holds no tformer checkpoint"):
         prepare(r)
     assert not (tmp_path / "run").exists()
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ConfigError, match="Hugging Face checkpoint; convert it once"):
+    with pytest.raises(ConfigError, match="Hugging Face checkpoint, not a tformer run; convert it once"):
         find_checkpoint(tmp_path / "hf")
-    with pytest.raises(FileNotFoundError, match="neither a tformer run directory"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         find_checkpoint(tmp_path / "missing")
 
 
@@ -209,23 +202,7 @@ def test_freeze_keeps_named_parameters_fixed(files: dict, tmp_path: Path) -> Non
         prepare(dataclasses.replace(r, model={**r.model, "freeze": ["embeddings"]}))
 
 
-def test_metrics_equal_scikit_learn() -> None:
-    sklearn = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    truth, predicted = rng.integers(0, 4, 200), rng.integers(0, 3, 200)  # class 3 never predicted
-    ours = classification_metrics(truth, predicted, 4)
-    assert ours["accuracy"] == pytest.approx(sklearn.accuracy_score(truth, predicted))
-    macro_f1 = sklearn.f1_score(truth, predicted, average="macro", zero_division=0)
-    assert ours["macro_f1"] == pytest.approx(macro_f1)
-    assert (ours["confusion"] == sklearn.confusion_matrix(truth, predicted, labels=range(4))).all()
-
-
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("bert-*.yaml")), ids=lambda p: p.stem)
 def test_shipped_recipes_are_valid(path: Path) -> None:
-    text = path.read_text()
-    try:
-        load_recipe(path)
-    except ConfigError as e:
-        if "init_from" in text and "init_from" in str(e):
-            pytest.skip("recipe.py does not yet pass model.init_from to the task (see MODEL_KEYS)")
-        raise
+    recipe = load_recipe(path)
+    assert recipe.task in ("masked_lm", "classification")

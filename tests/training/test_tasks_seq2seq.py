@@ -77,7 +77,7 @@ def test_validation_loss_is_the_per_token_mean():
         for world in (1, 2, 3):  # the Trainer: mean over batches on each rank, then over ranks
             per_rank = [np.mean([float(task.loss(model, b)) for b in task.eval_batches(r, world)])
                         for r in range(world)]
-            logits_all = [task.loss(model, b) * b["n_tokens"] for b in task.eval_batches(0, 1)]
+            logits_all = [task.loss(model, b) * b.context for b in task.eval_batches(0, 1)]
             total = sum(len(t) + 1 for t in valid.targets)
             assert np.mean(per_rank) == pytest.approx(float(sum(logits_all)) / total, rel=1e-5)
 

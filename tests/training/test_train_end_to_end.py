@@ -103,7 +103,7 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_losses(tmp_path, refe
 
 CRASH_WHILE_CHECKPOINTING = """
 import os, signal, sys
-from tformer.training import checkpoint
+from tformer.runs import checkpoint
 from tformer.cli import main
 original, saves = checkpoint._write_json, []
 def write_json(path, data):

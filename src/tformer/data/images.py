@@ -196,7 +196,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
     """(H, W) for grey ('1' or 'L') images, else (H, W, 3) RGB (alpha dropped; GIFs: first frame)."""
     try:
         with Image.open(path) as image:
@@ -231,7 +231,7 @@ def _load_image_folder(root: Path, split: str) -> ImageSet:
             if not (part / name).is_dir():
                 continue
             for path in _image_files(part / name):
-                pixels = _read_image(path)
+                pixels = read_image(path)
                 first = first or (path, pixels.shape[:2])
                 if pixels.shape[:2] != first[1]:
                     raise ValueError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but {first[0]} is "

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -242,29 +242,38 @@ def special_ids(tokenizer: Any, *, need_mask: bool = False) -> SpecialIds:
     return SpecialIds(found["cls"], found["sep"], found["pad"], found["mask"])
 
 
-def encode_sentences(data: LabelledSentences, tokenizer: Any, specials: SpecialIds, *, max_length: int,
-                     too_long: str = "truncate") -> list[np.ndarray]:
-    """[CLS] ids [SEP] per text, at most `max_length` ids. Longer ones are cut to fit with one
-    warning (too_long="truncate") or refused naming the first one (too_long="error")."""
+def encode_texts(texts: Sequence[str], tokenizer: Any, specials: SpecialIds, *, max_length: int,
+                 too_long: str = "truncate", where: Callable[[int], str] | None = None) -> list[np.ndarray]:
+    """[CLS] ids [SEP] per text, at most `max_length` ids: what a text classifier reads, in
+    training and at prediction alike. Longer texts are cut to fit with one warning
+    (too_long="truncate") or refused naming the first one (too_long="error"); `where(i)` names
+    text i in messages (default: "text i")."""
     check_choice("data.too_long", too_long, TOO_LONG)
     if max_length < 3:
         raise LabelledDataError(f"max_length must leave room for [CLS], a token and [SEP]; got {max_length}")
-    encoded = tokenizer.encode_batch(list(data.texts))
+    where = where or (lambda i: f"text {i + 1}")
+    encoded = tokenizer.encode_batch(list(texts))
     lengths = np.array([len(ids) + 2 for ids in encoded])
     over = np.flatnonzero(lengths > max_length)
     if len(over) and too_long == "error":
         i = int(over[0])
-        raise LabelledDataError(f"{data.where(i)}: the text is {lengths[i]} tokens with [CLS] and [SEP], "
+        raise LabelledDataError(f"{where(i)}: the text is {lengths[i]} tokens with [CLS] and [SEP], "
                                 f"more than max_length={max_length} ({len(over)} such texts); shorten "
                                 "them, raise data.max_length (up to the model's context_length) or set "
                                 "data.too_long=truncate")
     if len(over):
         i = int(over[np.argmax(lengths[over])])
-        log.warning("%d of %d texts in %s exceed %d tokens and were truncated (longest: %d tokens, "
-                    "line %d); set data.too_long=error to refuse them", len(over), len(data),
-                    data.source, max_length, lengths[i], data.lines[i])
+        log.warning("%d of %d texts exceed %d tokens and were truncated (longest: %d tokens, %s); set "
+                    "data.too_long=error to refuse them", len(over), len(texts), max_length, lengths[i], where(i))
     body = max_length - 2
     return [np.array([specials.cls, *ids[:body], specials.sep], dtype=np.int64) for ids in encoded]
+
+
+def encode_sentences(data: LabelledSentences, tokenizer: Any, specials: SpecialIds, *, max_length: int,
+                     too_long: str = "truncate") -> list[np.ndarray]:
+    """`encode_texts` of a labelled file's texts; messages name the file and line."""
+    return encode_texts(data.texts, tokenizer, specials, max_length=max_length, too_long=too_long,
+                        where=data.where)
 
 
 def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

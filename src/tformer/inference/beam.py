@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import CausalLM, evaluating, prepare_prompt
+from tformer.inference.generate import evaluating, prepare_prompt
+from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
 
 

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from tformer.nn import KVCache, check_token_ids
-
-
-class CausalLM(Protocol):
-    config: object
-    training: bool
-
-    def __call__(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                 cache: KVCache | None = None) -> Tensor: ...
-
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache: ...
+from tformer.models.protocols import CausalLM
+from tformer.nn import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -49,6 +40,14 @@ class Sampling:
 
 
 GREEDY = Sampling(temperature=0.0)
+TEXT_SAMPLING = Sampling(temperature=0.8, top_k=200)  # text defaults: training samples, CLI, pipeline
+
+
+def text_sampling(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                  repetition_penalty: float = 1.0) -> Sampling:
+    """Sampling settings for text, with TEXT_SAMPLING's temperature and top-k where None is given."""
+    return Sampling(TEXT_SAMPLING.temperature if temperature is None else temperature,
+                    TEXT_SAMPLING.top_k if top_k is None else top_k, top_p, repetition_penalty)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,

@@ -11,15 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tformer.data.palette import Palette
 from tformer.files import atomic_path
 from tformer.inference.generate import Sampling, generate
 from tformer.models.image_gen import NULL, ImageGenConfig, ImageGenerator
-
-
-def palette_of(config: ImageGenConfig) -> Palette:
-    colours = np.asarray(config.palette, dtype=np.float32).reshape(-1, config.channels)
-    return Palette(colours)
 
 
 def label_id(config: ImageGenConfig, condition: str | int) -> int:
@@ -101,8 +95,7 @@ def sample_images(model: ImageGenerator, conditions: Sequence[str | int], per_co
     tokens = [sample_tokens(model, ids[i:i + batch_size], mask[i:i + batch_size], sampling,
                            guidance_scale=guidance_scale, seed=None if seed is None else seed + i)
               for i in range(0, len(ids), batch_size)]
-    flat = torch.cat(tokens).cpu().numpy()
-    return palette_of(config).dequantise(flat, config.height, config.width)
+    return model.to_images(torch.cat(tokens))
 
 
 def save_image_grid(images: np.ndarray, row_titles: Sequence[str], path: str | Path, *,

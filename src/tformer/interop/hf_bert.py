@@ -22,11 +22,12 @@ from tformer.files import read_json
 from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
 from tformer.models.bert import HEADS, Bert, BertConfig
 from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
-from tformer.training import checkpoint
+from tformer.models.record import model_record
+from tformer.runs import checkpoint
+from tformer.runs.run import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 ARCHITECTURE_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
                       "BertForSequenceClassification": "sequence", "BertForTokenClassification": "token"}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -186,12 +187,12 @@ def load_bert_tokenizer(path: str | os.PathLike) -> HFJsonTokenizer:
 def convert_bert(path: str | os.PathLike, out_dir: str | os.PathLike, *, head: str | None = None,
                  labels: Sequence[str] | None = None, pooling: str | None = None) -> Path:
     """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best + tokenizer.json),
-    which `load_run` reads and recipes fine-tune from (`model.init_from: out_dir`). The tokenizer is
+    which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`). The tokenizer is
     checked first, so a directory without one writes nothing."""
     tokenizer = load_bert_tokenizer(path)
     model = load_bert(path, head=head, labels=labels, pooling=pooling)
     out = Path(out_dir)
-    record = {"model_family": "bert", "model_config": dataclasses.asdict(model.config),
+    record = {**model_record(model.config),
               "imported_from": str(Path(path).resolve())}
     checkpoint.save(out / "checkpoints" / "best", model, progress={"step": 0}, config=record)
     tokenizer.save(out / TOKENIZER_FILE)

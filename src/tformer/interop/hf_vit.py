@@ -9,7 +9,6 @@ never loaded. HF's separate query/key/value Linears become our fused `qkv_proj` 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -21,7 +20,9 @@ from tformer.config import ConfigError
 from tformer.files import read_json
 from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
 from tformer.models.vit import ViT, ViTConfig
-from tformer.training import checkpoint
+from tformer.models.record import model_record
+from tformer.runs import checkpoint
+from tformer.runs.run import HAS_TOKENIZER
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,10 @@ def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
 def convert_vit(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 labels: Sequence[str] | None = None) -> Path:
     """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best, no tokenizer),
-    which `load_run` reads and recipes fine-tune from (`model.init_from: out_dir`)."""
+    which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`)."""
     model = load_vit(path, labels=labels)
     out = Path(out_dir)
-    record = {"model_family": "vit", "model_config": dataclasses.asdict(model.config),
-              "imported_from": str(Path(path).resolve()), "has_tokenizer": False}
+    record = {**model_record(model.config), "imported_from": str(Path(path).resolve()), HAS_TOKENIZER: False}
     checkpoint.save(out / "checkpoints" / "best", model, progress={"step": 0}, config=record)
     log.info("converted %s into tformer run directory %s", path, out)
     return out

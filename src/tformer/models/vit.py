@@ -198,5 +198,25 @@ class ViT(nn.Module):
         return tokens[:, 0] if self.config.pooling == "cls" else tokens.mean(dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
-        """images: (B, channels, image_size, image_size) float -> logits (B, n_classes)."""
+        """images: (B, channels, image_size, image_size) float, normalised -> logits (B, n_classes)."""
         return self.head(self.drop(self.features(images)))
+
+    # -- the ImageClassifier capability (tformer.models.protocols) ---------------------------------
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names in output order (their indices when the config names none)."""
+        return self.config.labels or tuple(str(i) for i in range(self.config.n_classes))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.config.image_size, self.config.image_size, self.config.channels
+
+    def classify(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> logits (B, n_classes); normalised as in training."""
+        return self(normalise(inputs))
+
+
+def normalise(images: Tensor) -> Tensor:
+    """[0, 1] pixels -> [-1, 1] (mean 0.5, std 0.5 per channel), as Hugging Face's ViT image
+    processor feeds them; training and prediction both call this."""
+    return (images - 0.5) / 0.5

@@ -7,9 +7,10 @@
     training: {max_steps: 2000, batch_size: 12, lr: 1.0e-3}
     run_dir: runs/shakespeare-char
 
-The task's module (`tasks.TASK_MODULES`) defines what its data section holds and builds the
-model and Task; this file validates the recipe, keeps the tokenizer in the run directory, and
-brings trained runs back (`load_run`) for generation and evaluation.
+The road of a recipe: `load_recipe` validates it (unknown keys are named); `prepare` asks the
+task's module (`tasks.TASK_MODULES`) for its tokenizer and the model fields its data decides,
+builds the model in one place (`build.build`) and binds the task to it; `train_recipe` hands both
+to the Trainer. A trained run comes back through `tformer.runs.open_run`.
 """
 
 from __future__ import annotations
@@ -25,39 +26,14 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from tformer.config import (ConfigError, apply_overrides, check_choice, did_you_mean, from_dict,
-                            load_mapping)
-from tformer.models import FAMILIES, get_config
+from tformer.config import ConfigError, apply_overrides, check_choice, did_you_mean, from_dict, load_mapping
+from tformer.runs import checkpoint
+from tformer.runs.run import HAS_TOKENIZER, TOKENIZER_FILE, open_run
 from tformer.tokenizers import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
-from tformer.training import checkpoint, distributed
-from tformer.training.tasks import TASK_MODULES, Prepared
-from tformer.training.trainer import TrainConfig, Trainer, TrainResult
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    kind: str = "char"  # char | bpe | file
-    vocab_size: int = 4096  # bpe only
-    path: str | None = None  # kind=file: a tokenizer JSON (tformer or Hugging Face tokenizer.json)
-    special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe only
-
-    def __post_init__(self) -> None:
-        check_choice("tokenizer.kind", self.kind, ("char", "bpe", "file"))
-        if self.kind == "file" and not self.path:
-            raise ConfigError("tokenizer.kind=file needs tokenizer.path (a tokenizer JSON file)")
-        object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    prompt: str = "\n"
-    tokens: int = 200
-
-    def __post_init__(self) -> None:
-        if self.tokens < 1:
-            raise ConfigError(f"sample.tokens must be >= 1, got {self.tokens}")
+from tformer.training import build, distributed
+from tformer.training.settings import SampleSpec, TaskSettings, TokenizerSpec, TrainConfig
+from tformer.training.tasks import TASK_MODULES, Task
+from tformer.training.trainer import Trainer, TrainResult
 
 
 @dataclass(frozen=True)
@@ -72,6 +48,26 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def model_spec(self) -> build.ModelSpec:
+        return build.ModelSpec.from_section(self.model)
+
+    @property
+    def settings(self) -> TaskSettings:
+        """What the task module reads (never the whole recipe)."""
+        return TaskSettings(self.data, self.training, self.sample, Path(self.run_dir))
+
+
+@dataclass
+class Prepared:
+    """A recipe made concrete: the model (built in one place), its task, its tokenizer, and the
+    record stored with every checkpoint."""
+
+    model: nn.Module
+    task: Task
+    tokenizer: Tokenizer | None
+    record: dict[str, Any]
 
 
 SECTIONS: dict[str, type | None] = {"task": None, "model": None, "tokenizer": TokenizerSpec,
@@ -102,10 +98,7 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where} needs a 'task' ({', '.join(TASK_MODULES)}) and a 'model' section")
     module = task_module(data["task"])
     model = data["model"]
-    if not isinstance(model, dict) or "preset" not in model:
-        raise ConfigError(f"the model section of {where} needs a preset, e.g. model: {{preset: gpt-mini}}")
-    own = ("preset", *getattr(module, "MODEL_KEYS", ()))  # keys the task reads itself (init_from, ...)
-    get_config(model["preset"], **{k: v for k, v in model.items() if k not in own})  # validate now
+    build.ModelSpec.from_section(model, where).check()
     return Recipe(task=data["task"], model=dict(model), run_dir=str(data.get("run_dir", "runs/default")),
                   data=_section(data, "data", module.DataSpec, where),
                   tokenizer=_section(data, "tokenizer", TokenizerSpec, where),
@@ -141,38 +134,16 @@ def tokenizer_maker(spec: TokenizerSpec, saved: Path | None) -> Callable[[TextSo
 
 
 def prepare(recipe: Recipe, *, resuming: bool = False) -> Prepared:
-    """Model, task and tokenizer of a recipe, and the run configuration stored with checkpoints.
-    When `resuming`, the tokenizer is the one saved in the run directory."""
+    """Tokenizer, model and task of a recipe, and the record stored with checkpoints. When
+    `resuming`, the tokenizer is the one saved in the run directory."""
+    module, spec = task_module(recipe.task), recipe.model_spec
+    build.check_init_tokenizer(spec, recipe.tokenizer.kind)
     saved = Path(recipe.run_dir) / TOKENIZER_FILE if resuming else None
-    prepared = task_module(recipe.task).prepare(recipe, tokenizer_maker(recipe.tokenizer, saved))
-    prepared.model_record = {"recipe": recipe.to_dict(), **prepared.model_record}
-    return prepared
-
-
-def load_run(run_dir: str | Path, which: str = "best") -> tuple[nn.Module, Tokenizer | None, dict[str, Any]]:
-    """A trained model (weights from checkpoints/`which`) with its tokenizer (None for models
-    that read no text, e.g. image models) and run config."""
-    run_dir = Path(run_dir)
-    check_choice("checkpoint", which, ("best", "last"))
-    path = checkpoint.resolve(run_dir / "checkpoints" / which)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoints/{which}; train it first "
-                                         f"(tformer train RECIPE) or pick --checkpoint last/best")
-    checkpoint.verify(path)
-    run_config = checkpoint.load_config(path)
-    if run_config.get("model_family") not in FAMILIES or "model_config" not in run_config:
-        raise checkpoint.CheckpointError(f"{path / checkpoint.CONFIG} does not name a model family "
-                                         f"and config; was it written by tformer?")
-    config_cls, model_cls = FAMILIES[run_config["model_family"]]
-    model = model_cls(from_dict(config_cls, run_config["model_config"]))
-    checkpoint.load(path, model, with_train_state=False)
-    tokenizer_path = run_dir / TOKENIZER_FILE
-    if not run_config.get("has_tokenizer", True):  # e.g. images conditioned on class labels
-        return model.eval(), None, run_config
-    if not tokenizer_path.is_file():
-        raise checkpoint.CheckpointError(f"{run_dir} has no {TOKENIZER_FILE}; the run directory "
-                                         "is incomplete (copy the tokenizer the model was trained with)")
-    return model.eval(), load_tokenizer(tokenizer_path), run_config
+    data = module.prepare(recipe.settings, tokenizer_maker(recipe.tokenizer, saved))
+    model, record = build.build(spec, data.model_fields, seed=recipe.training.seed, needs=module.NEEDS,
+                                task=recipe.task, tokenizer=data.tokenizer)
+    record = {"recipe": recipe.to_dict(), **record, HAS_TOKENIZER: data.tokenizer is not None, **data.notes}
+    return Prepared(model, data.make_task(model), data.tokenizer, record)
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -221,7 +192,7 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
                     prepared.tokenizer.save(run_dir / TOKENIZER_FILE)
             distributed.barrier(world)
         trainer = Trainer(prepared.model, prepared.task, recipe.training, run_dir,  # DDP: all ranks
-                          run_config=prepared.model_record, world=world)
+                          run_config=prepared.record, world=world)
         return trainer.fit(resume=resuming)
     finally:
         distributed.teardown(world)
@@ -229,13 +200,13 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
 
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
     """The task's evaluation (e.g. validation loss and perplexity) of a trained run."""
-    model, tokenizer, run_config = load_run(run_dir, which)
-    if "recipe" not in run_config:
+    run = open_run(run_dir, which)
+    if run.recipe is None:
         raise checkpoint.CheckpointError(f"{run_dir} holds an imported model, not a training run: "
                                          "there is no recipe to evaluate it with; fine-tune it with "
                                          "a recipe whose model.init_from names it")
-    recipe = recipe_from_dict(run_config["recipe"], where=f"{run_dir} (saved recipe)")
-    recipe = dataclasses.replace(recipe, run_dir=str(run_dir))  # outputs go where it was evaluated
-    progress = checkpoint.load_progress(Path(run_dir) / "checkpoints" / which)
-    results = task_module(recipe.task).evaluate(recipe, model, tokenizer)
-    return {"checkpoint": which, "step": progress["step"], **results}
+    recipe = recipe_from_dict(run.recipe, where=f"{run_dir} (saved recipe)")
+    recipe = dataclasses.replace(recipe, run_dir=str(run.path))  # outputs go where it was evaluated
+    progress = checkpoint.load_progress(run.checkpoint)
+    results = task_module(recipe.task).evaluate(recipe.settings, run.model, run.tokenizer)
+    return {"checkpoint": run.checkpoint.name, "step": progress["step"], **results}

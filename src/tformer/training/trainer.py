@@ -20,60 +20,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from tformer.config import ConfigError, check_choice, check_positive
-from tformer.training import checkpoint, distributed
+from tformer.config import ConfigError
+from tformer.runs import checkpoint
+from tformer.training import distributed
 from tformer.training import state as run_state
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.report import Reporter
-from tformer.training.tasks import Batch, Task
+from tformer.training.settings import TrainConfig
+from tformer.training.tasks.base import Batch, Task
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 12  # sequences per optimizer step, summed over processes and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 on CPU
-    eval_every: int = 250
-    eval_batches: int = 20
-    checkpoint_every: int | None = None  # None: with every evaluation
-    log_every: int = 10
-    early_stop_patience: int | None = None  # evaluations without improvement before stopping
-    max_bad_steps: int = 3  # non-finite steps in a row before restoring the last checkpoint
-    seed: int = 1337
-    compile: bool = False
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
-                     "log_every", "max_bad_steps"):
-            check_positive(name, getattr(self, name))
-        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
-        for name in ("checkpoint_every", "early_stop_patience", "min_lr"):
-            if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name), allow_zero=name == "min_lr")
-        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
-        check_choice("precision", self.precision, PRECISIONS)
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
-                              f"({self.grad_accum})")
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
 
 @dataclass
 class TrainResult:
@@ -120,6 +76,7 @@ class Trainer:
         self.step, self.best_val_loss, self.last_val_loss, self.evals_without_gain = 0, None, None, 0
         self.stopped_early, self._stop_requested = False, False
         self._eval_batches: list[Batch] = []
+        self.seen = (0.0, 0.0)  # tokens and examples trained on since the last progress line
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -176,7 +133,7 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------------------
     def _to_device(self, batch: Batch) -> Batch:
-        return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
+        return batch.to(self.world.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -184,16 +141,19 @@ class Trainer:
         return torch.autocast(self.world.device.type, dtype=self.amp_dtype)
 
     def train_step(self) -> tuple[float, bool]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, was finite)."""
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, was finite);
+        the step's tokens and examples (all processes) are added to self.seen."""
         cfg, world = self.config, self.world
         lr = learning_rate(self.step, lr=cfg.lr, min_lr=cfg.final_lr, warmup_steps=cfg.warmup_steps,
                            max_steps=cfg.max_steps, schedule=cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=world.device)
+        tokens, examples = 0, 0
         for micro in range(cfg.grad_accum):
             shard = micro * world.size + world.rank  # of grad_accum x processes equal shards
             batch = self._to_device(self.task.train_batch(self.step, shard, cfg.grad_accum * world.size))
+            tokens, examples = tokens + batch.n_tokens, examples + batch.n_examples
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not world.distributed else self.train_model.no_sync()
             with sync:
@@ -205,8 +165,10 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         stop = torch.tensor(float(self._stop_requested), device=world.device)
-        health = distributed.mean_across(torch.stack([total, grad_norm.float(), stop]), world)
+        counts = torch.tensor([tokens, examples], dtype=torch.float32, device=world.device)
+        health = distributed.mean_across(torch.cat([torch.stack([total, grad_norm.float(), stop]), counts]), world)
         self._stop_requested = bool(health[2] > 0)  # every process stops at the same step
+        self.seen = (self.seen[0] + float(health[3]) * world.size, self.seen[1] + float(health[4]) * world.size)
         if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps and backs off
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -289,12 +251,10 @@ class Trainer:
     def _loop(self) -> None:
         cfg = self.config
         checkpoint_every = cfg.checkpoint_every or cfg.eval_every
-        tokens_per_step = self._tokens_per_step()
-        bad_steps, window_start, window_steps = 0, time.perf_counter(), 0
+        bad_steps, window_start = 0, time.perf_counter()
         while self.step < cfg.max_steps:
             loss, finite = self.train_step()
             self.step += 1
-            window_steps += 1
             bad_steps = 0 if finite else bad_steps + 1
             if not finite:
                 log.warning("step %d: non-finite loss or gradient; the update was skipped", self.step)
@@ -302,13 +262,13 @@ class Trainer:
                     self._restore_after_bad_steps(bad_steps)
                     bad_steps = 0
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                tokens_per_s, examples_per_s = self.seen[0] / elapsed, self.seen[1] / elapsed
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.reporter.log({"step": self.step, "train_loss": loss, "lr": lr,
-                                   "tokens_per_s": tokens_per_s})
+                                   "tokens_per_s": tokens_per_s, "examples_per_s": examples_per_s})
                 self.reporter.progress(self.step, loss, lr, tokens_per_s)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, self.seen = time.perf_counter(), (0.0, 0.0)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.eval_every == 0 or at_end:
                 if self._evaluate_and_maybe_stop():
@@ -339,7 +299,3 @@ class Trainer:
             log.info("early stop at step %d: no improvement in %d evaluations", self.step, patience)
             return True
         return False
-
-    def _tokens_per_step(self) -> int:
-        first = next(iter(self.task.train_batch(0, 0, 1).values()))  # the whole global batch
-        return first.numel()

@@ -1,8 +1,7 @@
-"""Tasks bind data, model and loss. One module per task; each has a `DataSpec` (its recipe's
-data section), `prepare(recipe, tokenizer_for)` and `evaluate(recipe, model, tokenizer)`.
+"""Tasks bind data to a model and a loss. One module per task (see `base` for what each defines);
 `TASK_MODULES` maps a recipe's `task:` to its module (imported on first use)."""
 
-from tformer.training.tasks.base import Batch, Prepared, Task
+from tformer.training.tasks.base import Batch, Task, TaskData
 from tformer.training.tasks.causal_lm import CausalLMTask, causal_lm_loss
 
 TASK_MODULES = {
@@ -15,4 +14,4 @@ TASK_MODULES = {
     "image_generation": "tformer.training.tasks.image_generation",
 }
 
-__all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Prepared", "Task", "causal_lm_loss"]
+__all__ = ["TASK_MODULES", "Batch", "CausalLMTask", "Task", "TaskData", "causal_lm_loss"]

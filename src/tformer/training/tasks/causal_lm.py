@@ -3,13 +3,12 @@ tokenized corpus."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -18,15 +17,15 @@ from torch import Tensor, nn
 
 from tformer.config import check_fraction
 from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
-from tformer.inference.generate import Sampling, generate
-from tformer.models import FAMILIES, family_of, get_config
+from tformer.inference.generate import TEXT_SAMPLING, generate
+from tformer.models.protocols import CausalLM
 from tformer.tokenizers.base import Tokenizer
-from tformer.training.tasks.base import Batch, Prepared
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, TaskData
 
 log = logging.getLogger(__name__)
+
+NEEDS = CausalLM
 
 
 @dataclass(frozen=True)
@@ -61,13 +60,14 @@ class CausalLMTask:
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
         x, y = causal_lm_batch(self.train_tokens, self.batch_size, self.context, step, self.seed,
                                rank=shard, world_size=n_shards)
-        return {"ids": x, "targets": y}
+        return Batch({"ids": x, "targets": y}, n_examples=x.shape[0], n_tokens=x.numel())
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
         for x, y in eval_batches(self.val_tokens, self.batch_size, self.context,
                                  self.n_eval_batches, self.seed):
             rows = x.shape[0] // world_size  # each rank scores its share
-            yield {"ids": x[rank * rows:(rank + 1) * rows], "targets": y[rank * rows:(rank + 1) * rows]}
+            x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+            yield Batch({"ids": x, "targets": y}, n_examples=x.shape[0], n_tokens=x.numel())
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return causal_lm_loss(model(batch["ids"]), batch["targets"])
@@ -79,7 +79,7 @@ class CausalLMTask:
         context = model.config.context_length  # type: ignore[union-attr]
         prompt = prompt[-(context - 1):]
         n = min(self.sample_tokens, context - len(prompt))
-        out = generate(model, [prompt], n, Sampling(temperature=0.8, top_k=200), seed=self.seed)
+        out = generate(model, [prompt], n, TEXT_SAMPLING, seed=self.seed)
         return [self.tokenizer.decode(out[0].tolist())]
 
 
@@ -90,38 +90,35 @@ def token_cache_dir(cache_dir: str | None) -> Path:
     return Path(root) / "tokens"
 
 
-def _task(recipe: Recipe, tokenizer: Tokenizer, context: int) -> CausalLMTask:
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int) -> CausalLMTask:
+    data: DataSpec = settings.data
     corpus = TokenizedCorpus.build(data.source, tokenizer, token_cache_dir(data.cache_dir),
                                    val_fraction=data.val_fraction)
-    t = recipe.training
+    t = settings.training
     return CausalLMTask(corpus.train, corpus.val, context=context, batch_size=t.batch_size,
                         seed=t.seed, n_eval_batches=t.eval_batches, tokenizer=tokenizer,
-                        sample_prompt=recipe.sample.prompt, sample_tokens=recipe.sample.tokens)
+                        sample_prompt=settings.sample.prompt, sample_tokens=settings.sample.tokens)
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Tokenizer (trained on the corpus once), model sized to it, and the task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
-    tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+def check_prompt(tokenizer: Tokenizer, prompt: str) -> None:
     try:
-        tokenizer.encode(recipe.sample.prompt)
+        tokenizer.encode(prompt)
     except ValueError as e:
-        raise ValueError(f"sample.prompt {recipe.sample.prompt!r} cannot be encoded: {e}") from None
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        log.warning("model.vocab_size=%s is replaced by the tokenizer's %d", overrides["vocab_size"],
-                    tokenizer.vocab_size)
-    config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
-    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
-    model = FAMILIES[family_of(config)][1](config)
-    return Prepared(model, _task(recipe, tokenizer, config.context_length), tokenizer,
-                    {"model_family": family_of(config), "model_config": dataclasses.asdict(config)})
+        raise ValueError(f"sample.prompt {prompt!r} cannot be encoded: {e}") from None
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Tokenizer (trained on the corpus once); the model takes its vocabulary size."""
+    data: DataSpec = settings.data
+    tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+    check_prompt(tokenizer, settings.sample.prompt)
+    return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size},
+                    lambda model: _task(settings, tokenizer, model.config.context_length))
+
+
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
     """Validation loss and perplexity on the run's own validation split."""
-    task = _task(recipe, tokenizer, model.config.context_length)  # type: ignore[union-attr]
+    task = _task(settings, tokenizer, model.config.context_length)  # type: ignore[union-attr]
     with torch.no_grad():
         losses = [float(task.loss(model, batch)) for batch in task.eval_batches(0, 1)]
     val_loss = sum(losses) / len(losses)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -31,18 +31,14 @@ from tformer.data.labelled import (
     special_ids,
     train_val_split,
 )
-from tformer.training.tasks.base import Batch, Prepared
-from tformer.training.tasks.bert_init import (
-    MODEL_KEYS,  # noqa: F401 - the model keys this task reads
-    build_bert,
-    check_init_tokenizer,
-    input_length,
-)
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.metrics.classification import classification_metrics, plot_confusion
+from tformer.models.protocols import TextClassifier
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards
 
 log = logging.getLogger(__name__)
+
+NEEDS = TextClassifier
 
 CONFUSION_PNG = "confusion.png"
 
@@ -94,43 +90,32 @@ class ClassificationTask:
         self.pad_id, self.batch_size, self.seed = pad_id, batch_size, seed
         self.label_names, self.val_texts = label_names, val_texts
         self.lengths = np.array([len(r) for r in train_rows])
-        self._orders: dict[int, np.ndarray] = {}
+        self.sampler = EpochSampler(len(train_rows), batch_size, seed, order=self.epoch_order)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order of the training examples in `epoch` (a permutation, length-bucketed)."""
-        if epoch not in self._orders:
-            rng, b = np.random.default_rng([self.seed, epoch]), self.batch_size
-            order, pool, pieces = rng.permutation(len(self.train_rows)), b * self.POOL_BATCHES, []
-            for start in range(0, len(order), pool):
-                chunk = order[start:start + pool]
-                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                batches = [chunk[i:i + b] for i in range(0, len(chunk), b)]
-                pieces.extend(batches[j] for j in rng.permutation(len(batches)))
-            self._orders = {epoch: np.concatenate(pieces), **{e: o for e, o in self._orders.items()
-                                                              if e == epoch - 1}}
-        return self._orders[epoch]
-
-    def _global_indices(self, step: int) -> np.ndarray:
-        n = len(self.train_rows)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        return np.array([self.epoch_order(int(p // n))[p % n] for p in positions])
+        rng, b = np.random.default_rng([self.seed, epoch]), self.batch_size
+        order, pool, pieces = rng.permutation(len(self.train_rows)), b * self.POOL_BATCHES, []
+        for start in range(0, len(order), pool):
+            chunk = order[start:start + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches = [chunk[i:i + b] for i in range(0, len(chunk), b)]
+            pieces.extend(batches[j] for j in rng.permutation(len(batches)))
+        return np.concatenate(pieces)
 
     def _batch(self, rows: list[np.ndarray], labels: Tensor) -> Batch:
         ids, mask = pad_rows(rows, self.pad_id)
-        return {"ids": ids, "attention_mask": mask, "labels": labels}
+        return Batch({"ids": ids, "attention_mask": mask, "labels": labels}, len(rows), int(mask.sum()))
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
-        rows = self.batch_size // n_shards
-        index = self._global_indices(step)[shard * rows:(shard + 1) * rows]
+        index = self.sampler.shard(step, shard, n_shards)
         return self._batch([self.train_rows[i] for i in index], self.train_labels[index])
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
         """Every validation example once, in batches of similar length; each rank a share."""
         order = np.argsort([len(r) for r in self.val_rows], kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            index = np.array_split(order[start:start + self.batch_size], world_size)[rank]
-            if len(index):
-                yield self._batch([self.val_rows[i] for i in index], self.val_labels[index])
+        for index in eval_shards(len(order), self.batch_size, rank, world_size, order):
+            yield self._batch([self.val_rows[i] for i in index], self.val_labels[index])
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         logits = model(batch["ids"], attention_mask=batch["attention_mask"])
@@ -149,48 +134,6 @@ class ClassificationTask:
             guesses = model(batch["ids"], attention_mask=batch["attention_mask"]).argmax(-1).tolist()
         return [f"[{self.label_names[g]} / true {self.label_names[int(t)]}] {text}"
                 for g, t, text in zip(guesses, batch["labels"], self.val_texts)]
-
-
-def classification_metrics(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1 (0 where undefined), macro F1 and the confusion
-    matrix (rows: true class, columns: predicted class)."""
-    confusion = np.zeros((n_labels, n_labels), dtype=np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    hits = np.diag(confusion).astype(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(hits / confusion.sum(axis=0))
-        recall = np.nan_to_num(hits / confusion.sum(axis=1))
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    return {"accuracy": float(hits.sum() / max(len(truth), 1)), "precision": precision.tolist(),
-            "recall": recall.tolist(), "f1": f1.tolist(), "macro_f1": float(f1.mean()),
-            "confusion": confusion}
-
-
-def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> None:
-    """A confusion-matrix heatmap with counts, written atomically to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = 2.5 + 0.5 * len(labels)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
-    ax.imshow(confusion, cmap="Blues")
-    ticks = range(len(labels))
-    ax.set_xticks(ticks, labels, rotation=45, ha="right")
-    ax.set_yticks(ticks, labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    for (i, j), count in np.ndenumerate(confusion):
-        ax.text(j, i, str(count), ha="center", va="center",
-                color="white" if count > confusion.max() / 2 else "black")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def predict(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: int) -> np.ndarray:
@@ -217,41 +160,54 @@ def _splits(data: DataSpec) -> tuple[LabelledSentences, LabelledSentences]:
     return sentences.subset(train), sentences.subset(val)
 
 
-def _task(recipe: Recipe, tokenizer: Any, labels: tuple[str, ...], max_length: int,
+def _task(settings: TaskSettings, tokenizer: Any, labels: tuple[str, ...], max_length: int,
           train: LabelledSentences, val: LabelledSentences) -> ClassificationTask:
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
     specials = special_ids(tokenizer)
 
     def encode(part: LabelledSentences) -> list[np.ndarray]:
         return encode_sentences(part, tokenizer, specials, max_length=max_length, too_long=data.too_long)
 
-    t = recipe.training
+    t = settings.training
     return ClassificationTask(encode(train), label_ids(train, labels), encode(val), label_ids(val, labels),
                               pad_id=specials.pad, batch_size=t.batch_size, seed=t.seed,
                               label_names=labels, val_texts=val.texts[:5])
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Tokenizer (trained on the sentences, or the init_from checkpoint's), model with a sequence
-    head over the data's labels, and the task. Nothing is written before the data is read."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
-    check_init_tokenizer(recipe)
+def input_length(max_length: int | None, context_length: int) -> int:
+    """data.max_length, or the model's context_length when it is None; longer is refused."""
+    if max_length is None:
+        return context_length
+    if max_length > context_length:
+        raise ConfigError(f"data.max_length={max_length} exceeds the model's context_length "
+                          f"({context_length}); lower it or leave it unset")
+    return max_length
+
+
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Tokenizer (trained on the sentences, or the init_from run's); the model takes a sequence
+    head over the data's labels. Nothing is written before the data is read."""
+    data: DataSpec = settings.data
     train, val = _splits(data)
     labels = data.labels or sort_labels(set(train.labels) | set(val.labels))
     label_ids(train, labels), label_ids(val, labels)  # a label outside data.labels: named here
     tokenizer = tokenizer_for(lambda: list(train.texts))
     special_ids(tokenizer)
-    model, record = build_bert(recipe, tokenizer, head="sequence", labels=labels)
-    max_length = input_length(data.max_length, model.config.context_length)
     log.info("classification: %d training / %d validation sentences, labels %s", len(train), len(val),
              list(labels))
-    return Prepared(model, _task(recipe, tokenizer, labels, max_length, train, val), tokenizer, record)
+
+    def make_task(model: nn.Module) -> ClassificationTask:
+        max_length = input_length(data.max_length, model.config.context_length)  # type: ignore[union-attr]
+        return _task(settings, tokenizer, labels, max_length, train, val)
+
+    return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size, "head": "sequence", "labels": labels},
+                    make_task)
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Accuracy, macro F1 and per-class F1 on the validation split (or data.test_source), and
     run_dir/confusion.png. A label the model was not trained with is an error naming its line."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
     config = model.config  # type: ignore[union-attr]
     if data.test_source:
         val = load_labelled(data.test_source, text_column=data.text_column,
@@ -262,11 +218,11 @@ def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]
     specials = special_ids(tokenizer)
     max_length = input_length(data.max_length, config.context_length)
     rows = encode_sentences(val, tokenizer, specials, max_length=max_length, too_long=data.too_long)
-    metrics = classification_metrics(truth, predict(model, rows, specials.pad, recipe.training.batch_size),
+    metrics = classification_metrics(truth, predict(model, rows, specials.pad, settings.training.batch_size),
                                       len(config.labels))
     split = data.test_source or (f"fold {data.fold} of {data.n_folds}" if data.fold is not None
                                  else f"validation ({data.val_fraction:.0%})")
-    png = Path(recipe.run_dir) / CONFUSION_PNG
+    png = Path(settings.run_dir) / CONFUSION_PNG
     plot_confusion(metrics["confusion"], config.labels, png, title=f"{Path(data.source).name}: {split}")
     result = {"split": split, "examples": len(val), "accuracy": metrics["accuracy"],
               "macro_f1": metrics["macro_f1"]}

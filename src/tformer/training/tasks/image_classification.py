@@ -8,12 +8,11 @@ ViT image processor feeds them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -22,17 +21,15 @@ from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_fraction, check_positive
 from tformer.data.images import ImageSet, augment, check_image_shape, has_test_split, images_to_tensor, load_images, stratified_holdout
-from tformer.models import family_of, get_config
-from tformer.models.vit import ViT
-from tformer.training.tasks.base import Batch, Prepared
-from tformer.training.tasks.classification import classification_metrics, plot_confusion
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.metrics.classification import classification_metrics, plot_confusion
+from tformer.models.protocols import ImageClassifier
+from tformer.models.vit import normalise
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ()
+NEEDS = ImageClassifier
 CONFUSION_PNG = "confusion.png"
 
 
@@ -56,11 +53,6 @@ class DataSpec:
                               "best checkpoint, the test share is what evaluate scores")
 
 
-def normalise(images: Tensor) -> Tensor:
-    """[0, 1] pixels -> [-1, 1] (mean 0.5, std 0.5 per channel)."""
-    return (images - 0.5) / 0.5
-
-
 class ImageClassificationTask:
     """Shuffled batches of images (augmented while training); a step's batch and its augmentation
     are a pure function of (seed, step)."""
@@ -71,28 +63,24 @@ class ImageClassificationTask:
         self.images, self.labels = images_to_tensor(train.images), torch.from_numpy(train.labels)
         self.val_images, self.val_labels = images_to_tensor(val.images), torch.from_numpy(val.labels)
         self.batch_size, self.seed, self.data = batch_size, seed, data
-        self._orders: dict[int, np.ndarray] = {}
+        self.sampler = EpochSampler(len(self.labels), batch_size, seed)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))}
-        return self._orders[epoch]
+    @staticmethod
+    def _batch(images: Tensor, labels: Tensor) -> Batch:
+        return Batch({"labels": labels, "images": normalise(images)}, len(labels),
+                     int(images[0, 0].numel()) * len(labels))  # pixels per channel
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
-        n, rows = len(self.labels), self.batch_size // n_shards
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        index = torch.from_numpy(np.array([self._order(int(p // n))[p % n] for p in positions]))
+        rows = self.batch_size // n_shards
+        index = torch.from_numpy(self.sampler.indices(step))
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, step]).integers(2**62)))
         images = augment(self.images[index], generator, shift=self.data.shift, flip=self.data.flip)
-        part = slice(shard * rows, (shard + 1) * rows)  # labels first: the progress line counts images
-        return {"labels": self.labels[index][part], "images": normalise(images[part])}
+        part = slice(shard * rows, (shard + 1) * rows)  # the whole batch is augmented: shards agree
+        return self._batch(images[part], self.labels[index][part])
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
-        for start in range(0, len(self.val_labels), self.batch_size):
-            index = np.array_split(np.arange(start, min(start + self.batch_size, len(self.val_labels))),
-                                   world_size)[rank]
-            if len(index):
-                yield {"labels": self.val_labels[index], "images": normalise(self.val_images[index])}
+        for index in eval_shards(len(self.val_labels), self.batch_size, rank, world_size):
+            yield self._batch(self.val_images[index], self.val_labels[index])
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         smoothing = self.data.label_smoothing if model.training else 0.0
@@ -116,26 +104,21 @@ def load_splits(data: DataSpec) -> tuple[ImageSet, ImageSet, ImageSet, str]:
     return images.subset(train_index), images.subset(val_index), test, test_name
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Images and splits, a ViT sized to them (image size, channels, classes) and the task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Images and splits; the model takes their size, channels and classes."""
+    data: DataSpec = settings.data
     train, val, _, _ = load_splits(data)
     height, width, channels = train.image_shape
     if height != width:
         raise ConfigError(f"{data.source}: ViT needs square images, these are {height}x{width}; "
                           "crop or pad them to a square")
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    config = get_config(recipe.model["preset"], **{**overrides, "image_size": height, "channels": channels,
-                                                   "n_classes": len(train.label_names),
-                                                   "labels": train.label_names})
-    torch.manual_seed(recipe.training.seed)
-    model = ViT(config)
-    log.info("image classification: %d training / %d validation %dx%dx%d images, %d classes, %s parameters",
-             len(train), len(val), height, width, channels, len(train.label_names), f"{model.num_parameters():,}")
-    task = ImageClassificationTask(train, val, batch_size=recipe.training.batch_size, seed=recipe.training.seed,
-                                   data=data)
-    return Prepared(model, task, None, {"model_family": family_of(config), "has_tokenizer": False,
-                                        "model_config": dataclasses.asdict(config)})
+    log.info("image classification: %d training / %d validation %dx%dx%d images, %d classes", len(train),
+             len(val), height, width, channels, len(train.label_names))
+    fields = {"image_size": height, "channels": channels, "n_classes": len(train.label_names),
+              "labels": train.label_names}
+    t = settings.training
+    return TaskData(None, fields, lambda model: ImageClassificationTask(
+        train, val, batch_size=t.batch_size, seed=t.seed, data=data))
 
 
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> tuple[np.ndarray, float]:
@@ -144,20 +127,20 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> tuple[np
     out, start = [], time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out.append(model(normalise(images[i:i + batch_size])).argmax(-1))
+            out.append(model.classify(images[i:i + batch_size]).argmax(-1))  # type: ignore[operator]
     return torch.cat(out).numpy(), len(images) / (time.perf_counter() - start)
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Accuracy, macro F1 and per-class F1 on the test split, confusion.png, images/s."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
     labels = model.config.labels  # type: ignore[union-attr]
     _, _, test, test_name = load_splits(data)
     check_image_shape(test, (model.config.image_size, model.config.image_size, model.config.channels),  # type: ignore[union-attr]
                       "this ViT")
     predicted, images_per_s = predict(model, images_to_tensor(test.images))
     metrics = classification_metrics(test.labels, predicted, len(labels))
-    png = Path(recipe.run_dir) / CONFUSION_PNG
+    png = Path(settings.run_dir) / CONFUSION_PNG
     plot_confusion(metrics["confusion"], labels, png, title=f"{data.source}: {test_name}")
     result = {"split": test_name, "examples": len(test), "accuracy": metrics["accuracy"],
               "macro_f1": metrics["macro_f1"], "images_per_s": images_per_s}

@@ -11,11 +11,10 @@ per class (the naive baseline). Every evaluation writes `samples.png` (one row p
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -26,19 +25,16 @@ from tformer.config import ConfigError, check_choice, check_fraction, check_posi
 from tformer.data.images import ImageSet, check_image_shape, has_test_split, load_images, stratified_holdout
 from tformer.data.palette import fit_palette, grey_palette
 from tformer.inference.generate import Sampling
-from tformer.inference.images import palette_of, sample_images, save_image_grid
+from tformer.inference.images import condition_ids, sample_images, save_image_grid
 from tformer.metrics.images import ImageJudge, per_pixel_baseline
-from tformer.models import family_of, get_config
-from tformer.models.image_gen import CONDITIONS, NULL, ImageGenerator, check_guidance
-from tformer.tokenizers import CharTokenizer
-from tformer.training.tasks.base import Batch, Prepared
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.models.image_gen import CONDITIONS, NULL, check_guidance
+from tformer.models.protocols import ImageSampler
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards, shard_rows
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ()
+NEEDS = ImageSampler
 SAMPLES_PNG = "samples.png"
 DIGITS_LEVELS = 17  # sklearn's digits have 17 grey levels: a 17-colour palette is lossless
 
@@ -108,17 +104,14 @@ class ImageGenerationTask:
         self.labels, self.val_labels = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
         self.batch_size, self.seed, self.data, self.run_dir = batch_size, seed, data, run_dir
         self.tokenizer, self._judge = tokenizer, None
-        self._orders: dict[int, np.ndarray] = {}
+        self.sampler = EpochSampler(len(self.tokens), batch_size, seed)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.tokens))}
-        return self._orders[epoch]
+    @staticmethod
+    def _batch(tensors: dict[str, Tensor]) -> Batch:
+        return Batch(tensors, len(tensors["tokens"]), tensors["tokens"].numel())
 
-    def _global_batch(self, step: int) -> Batch:
-        n = len(self.tokens)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        index = torch.from_numpy(np.array([self._order(int(p // n))[p % n] for p in positions]))
+    def _global_batch(self, step: int) -> dict[str, Tensor]:
+        index = torch.from_numpy(self.sampler.indices(step))
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, step]).integers(2**62)))
         dropped = torch.rand(len(index), generator=generator) < self.data.guidance_dropout
         templates = torch.randint(len(self.conditions.ids), (len(index),), generator=generator)
@@ -129,19 +122,14 @@ class ImageGenerationTask:
         return {"tokens": self.tokens[index], "cond_ids": ids, "cond_mask": mask}
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
-        rows = self.batch_size // n_shards
-        batch = self._global_batch(step)
-        return {k: v[shard * rows:(shard + 1) * rows] for k, v in batch.items()}
+        return self._batch(shard_rows(self._global_batch(step), shard, n_shards))
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
         """Every validation image once, with its class's condition (first template)."""
-        for start in range(0, len(self.val_tokens), self.batch_size):
-            index = np.array_split(np.arange(start, min(start + self.batch_size, len(self.val_tokens))),
-                                   world_size)[rank]
-            if len(index):
-                labels = self.val_labels[index]
-                ids, mask = self.conditions.of(labels, torch.zeros_like(labels))
-                yield {"tokens": self.val_tokens[index], "cond_ids": ids, "cond_mask": mask}
+        for index in eval_shards(len(self.val_tokens), self.batch_size, rank, world_size):
+            labels = self.val_labels[index]
+            ids, mask = self.conditions.of(labels, torch.zeros_like(labels))
+            yield self._batch({"tokens": self.val_tokens[index], "cond_ids": ids, "cond_mask": mask})
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Mean cross-entropy per pixel token (nats)."""
@@ -186,18 +174,16 @@ def load_splits(data: DataSpec) -> tuple[ImageSet, ImageSet, ImageSet]:
     return train, val, held_out
 
 
-def build_conditions(data: DataSpec, names: tuple[str, ...], tokenizer: Any) -> Conditions:
-    """Condition ids for every (template, class); text prompts are character ids + 1."""
-    if data.condition == "label":
-        ids = torch.arange(1, len(names) + 1).reshape(1, -1, 1)
-        return Conditions(ids, torch.ones_like(ids, dtype=torch.bool))
-    rows = [[[i + 1 for i in tokenizer.encode(t.format(name=n))] for n in names] for t in data.prompts]
-    width = max(len(r) for row in rows for r in row)
-    ids = torch.zeros(len(rows), len(names), width, dtype=torch.long)
+def build_conditions(config: Any, templates: tuple[str, ...], tokenizer: Any) -> Conditions:
+    """Condition ids of every (template, class), encoded as at inference (`condition_ids`) and
+    right-padded to config.condition_length; label conditions have one template, "{name}"."""
+    names = config.labels
+    templates = templates if config.condition == "text" else ("{name}",)
+    ids = torch.full((len(templates), len(names), config.condition_length), NULL, dtype=torch.long)
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    for p, row in enumerate(rows):
-        for c, encoded in enumerate(row):
-            ids[p, c, :len(encoded)], mask[p, c, :len(encoded)] = torch.tensor(encoded), True
+    for p, template in enumerate(templates):
+        row_ids, row_mask = condition_ids(config, [template.format(name=n) for n in names], tokenizer)
+        ids[p, :, :row_ids.shape[1]], mask[p, :, :row_mask.shape[1]] = row_ids, row_mask
     return Conditions(ids, mask)
 
 
@@ -207,49 +193,50 @@ def _palette(data: DataSpec, train: ImageSet, seed: int) -> Any:
     return fit_palette(train.images, data.levels or 16, seed=seed)
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Images, palette, conditions (and a character tokenizer for prompts), model and task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Images and a palette (and a character tokenizer for prompts); the model takes their size,
+    channels, palette, classes and the longest condition."""
+    data: DataSpec = settings.data
+    t = settings.training
     train, val, _ = load_splits(data)
     names = train.label_names
-    tokenizer = None
+    tokenizer, condition_length = None, 1
     if data.condition == "text":
-        prompts = [t.format(name=n) for t in data.prompts for n in names]
+        prompts = [template.format(name=n) for template in data.prompts for n in names]
         tokenizer = tokenizer_for(lambda: prompts)
-    conditions = build_conditions(data, names, tokenizer)
-    palette = _palette(data, train, recipe.training.seed)
+        condition_length = max(len(tokenizer.encode(p)) for p in prompts)
+    palette = _palette(data, train, t.seed)
     height, width, channels = train.image_shape
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    config = get_config(recipe.model["preset"], **{
-        **overrides, "height": height, "width": width, "channels": channels,
-        "palette": tuple(palette.colours.reshape(-1).tolist()), "condition": data.condition, "labels": names,
-        "condition_vocab": len(names) if tokenizer is None else tokenizer.vocab_size,
-        "condition_length": conditions.ids.shape[-1]})
-    torch.manual_seed(recipe.training.seed)
-    model = ImageGenerator(config)
-    task = ImageGenerationTask(train, val, conditions, tokens=palette.quantise(train.images),
-                               val_tokens=palette.quantise(val.images), batch_size=recipe.training.batch_size,
-                               seed=recipe.training.seed, data=data, run_dir=Path(recipe.run_dir),
-                               tokenizer=tokenizer)
-    log.info("image generation: %d training / %d validation %dx%dx%d images, %d classes, %d pixel tokens, "
-             "%s parameters", len(train), len(val), height, width, channels, len(names), palette.size,
-             f"{model.num_parameters():,}")
-    return Prepared(model, task, tokenizer, {"model_family": family_of(config), "has_tokenizer": tokenizer
-                                             is not None, "model_config": dataclasses.asdict(config)})
+    fields = {"height": height, "width": width, "channels": channels,
+              "palette": tuple(palette.colours.reshape(-1).tolist()), "condition": data.condition,
+              "labels": names, "condition_vocab": len(names) if tokenizer is None else tokenizer.vocab_size,
+              "condition_length": condition_length}
+    log.info("image generation: %d training / %d validation %dx%dx%d images, %d classes, %d pixel tokens",
+             len(train), len(val), height, width, channels, len(names), palette.size)
+
+    def make_task(model: nn.Module) -> ImageGenerationTask:
+        conditions = build_conditions(model.config, data.prompts, tokenizer)
+        return ImageGenerationTask(train, val, conditions, tokens=palette.quantise(train.images),
+                                   val_tokens=palette.quantise(val.images), batch_size=t.batch_size,
+                                   seed=t.seed, data=data, run_dir=Path(settings.run_dir), tokenizer=tokenizer)
+
+    return TaskData(tokenizer, fields, make_task)
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Validation loss (nats and bits per pixel token), and the judge's scores for samples (with
     and without guidance), held-out real images and the per-pixel baseline; writes samples.png."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
+    seed = settings.training.seed
     config = model.config  # type: ignore[union-attr]
     train, val, held_out = load_splits(data)
     check_image_shape(train, (config.height, config.width, config.channels), "this image generator")
-    palette = palette_of(config)
-    conditions = build_conditions(data, config.labels, tokenizer)
+    palette = model.palette()  # type: ignore[operator]
+    conditions = build_conditions(config, data.prompts, tokenizer)
     val_tokens = palette.quantise(val.images)
-    task = ImageGenerationTask(train, val, conditions, tokens=val_tokens, val_tokens=val_tokens, batch_size=recipe.training.batch_size,
-                               seed=recipe.training.seed, data=data, run_dir=Path(recipe.run_dir))
+    task = ImageGenerationTask(train, val, conditions, tokens=val_tokens, val_tokens=val_tokens,
+                               batch_size=settings.training.batch_size, seed=seed, data=data,
+                               run_dir=Path(settings.run_dir))
     model.eval()
     with torch.no_grad():
         batches = list(task.eval_batches(0, 1))
@@ -259,16 +246,16 @@ def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]
     wanted = np.repeat(np.arange(len(config.labels)), n)
     results: dict[str, Any] = {"val_loss": val_loss, "val_bits_per_pixel": val_loss / np.log(2)}
     for scale in dict.fromkeys([data.guidance_scale, 1.0]):
-        images = generate_for_classes(model, config.labels, n, data, tokenizer, seed=recipe.training.seed + 1,
+        images = generate_for_classes(model, config.labels, n, data, tokenizer, seed=seed + 1,
                                       guidance_scale=scale)
         results.update(_scored(f"generated_g{scale:g}", judge.score(images, wanted, train.images)))
         if scale == data.guidance_scale:
             grid = images.reshape(len(config.labels), n, *images.shape[1:])[:, :data.samples_per_class]
             path = save_image_grid(grid.reshape(-1, *images.shape[1:]), config.labels,
-                                   Path(recipe.run_dir) / SAMPLES_PNG)
-    real = held_out.subset(_per_class(held_out.labels, n, recipe.training.seed))
+                                   Path(settings.run_dir) / SAMPLES_PNG)
+    real = held_out.subset(_per_class(held_out.labels, n, seed))
     results.update(_scored("held_out_real", judge.score(real.images, real.labels, train.images)))
-    base_images, base_labels = per_pixel_baseline(train.images, train.labels, n, seed=recipe.training.seed)
+    base_images, base_labels = per_pixel_baseline(train.images, train.labels, n, seed=seed)
     results.update(_scored("per_pixel_baseline", judge.score(base_images, base_labels, train.images)))
     return {**results, "samples_png": str(path)}
 

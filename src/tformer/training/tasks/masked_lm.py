@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -22,19 +22,14 @@ from tformer.config import ConfigError, check_fraction, check_positive
 from tformer.data.datasets import DATASETS
 from tformer.data.labelled import FORMATS, SpecialIds, load_labelled, special_ids
 from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
-from tformer.training.tasks.base import Batch, Prepared
-from tformer.training.tasks.bert_init import (
-    MODEL_KEYS,  # noqa: F401 - the model keys this task reads
-    build_bert,
-    check_init_tokenizer,
-    input_length,
-)
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, TaskData, shard_rows
 from tformer.training.tasks.causal_lm import token_cache_dir
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.training.tasks.classification import input_length
 
 log = logging.getLogger(__name__)
+
+NEEDS = None  # any model with the fields below (a BERT: head="mlm")
 
 IGNORE = -100
 SPACE_CHARS = "\u0120\u010a\u0109\u010d"  # byte-level BPE's space, \n, \t, \r
@@ -151,29 +146,31 @@ class MaskedLMTask:
         self.train_tokens, self.val_tokens, self.masker = train_tokens, val_tokens, masker
         self.window, self.batch_size, self.seed = max_length - 2, batch_size, seed
         self.n_eval_batches, self.tokenizer = n_eval_batches, tokenizer
-        self._eval: list[Batch] | None = None
+        self._eval: list[dict[str, Tensor]] | None = None
 
-    def _example(self, windows: Tensor, rng: np.random.Generator) -> Batch:
+    def _example(self, windows: Tensor, rng: np.random.Generator) -> dict[str, Tensor]:
         s, rows = self.masker.specials, windows.shape[0]
         ids = np.concatenate([np.full((rows, 1), s.cls), windows.numpy(), np.full((rows, 1), s.sep)], axis=1)
         inputs, targets = self.masker(ids, rng)
         return {"ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
+    @staticmethod
+    def _batch(tensors: dict[str, Tensor]) -> Batch:
+        return Batch(tensors, tensors["ids"].shape[0], tensors["ids"].numel())
+
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
         windows, _ = causal_lm_batch(self.train_tokens, self.batch_size, self.window, step, self.seed)
-        batch = self._example(windows, np.random.default_rng([self.seed, step, 7]))
-        rows = self.batch_size // n_shards
-        return {k: v[shard * rows:(shard + 1) * rows] for k, v in batch.items()}
+        tensors = self._example(windows, np.random.default_rng([self.seed, step, 7]))
+        return self._batch(shard_rows(tensors, shard, n_shards))
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
-        if self._eval is None:
+        if self._eval is None:  # tensors of the whole batches, built once
             batches = eval_batches(self.val_tokens, self.batch_size, self.window, self.n_eval_batches,
                                    self.seed)
             self._eval = [self._example(x, np.random.default_rng([self.seed, i, 8]))
                           for i, (x, _) in enumerate(batches)]
-        rows = self.batch_size // world_size
-        for batch in self._eval:
-            yield {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+        for tensors in self._eval:
+            yield self._batch(shard_rows(tensors, rank, world_size))
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         return masked_lm_loss(model, batch)
@@ -192,9 +189,8 @@ class MaskedLMTask:
         return ["predicted/true at masked tokens: " + "  ".join(pairs[:30])]
 
 
-def _corpus(recipe: Recipe, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+def _corpus(data: DataSpec, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation tokens: each source split on its own, then concatenated."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
     trains, vals = [], []
     for source in data.sources:
         corpus = TokenizedCorpus.from_text(source_text(source, data.text_column), tokenizer,
@@ -204,33 +200,37 @@ def _corpus(recipe: Recipe, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(trains), np.concatenate(vals)
 
 
-def _task(recipe: Recipe, tokenizer: Any, max_length: int) -> MaskedLMTask:
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def _task(settings: TaskSettings, tokenizer: Any, max_length: int) -> MaskedLMTask:
+    data: DataSpec = settings.data
     specials = special_ids(tokenizer, need_mask=True)
     boundaries = word_boundaries(tokenizer) if data.whole_word else None
     masker = Masker(tokenizer.vocab_size, specials, tokenizer.special_tokens.values(),
                     mask_prob=data.mask_prob, boundaries=boundaries)
-    train, val = _corpus(recipe, tokenizer)
-    t = recipe.training
+    train, val = _corpus(data, tokenizer)
+    t = settings.training
     return MaskedLMTask(train, val, masker, max_length=max_length, batch_size=t.batch_size, seed=t.seed,
                         n_eval_batches=t.eval_batches, tokenizer=tokenizer)
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Tokenizer (trained on the sources once, or the init_from checkpoint's), model, task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
-    check_init_tokenizer(recipe)
+def _max_length(settings: TaskSettings, model: nn.Module) -> int:
+    return input_length(settings.data.max_length, model.config.context_length)  # type: ignore[union-attr]
+
+
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Tokenizer (trained on the sources once, or the init_from run's); the model takes a
+    masked-LM head over its vocabulary."""
+    data: DataSpec = settings.data
     tokenizer = tokenizer_for(lambda: [source_text(s, data.text_column) for s in data.sources])
     special_ids(tokenizer, need_mask=True)  # before building anything
-    model, record = build_bert(recipe, tokenizer, head="mlm", labels=())
-    max_length = input_length(data.max_length, model.config.context_length)
-    return Prepared(model, _task(recipe, tokenizer, max_length), tokenizer, record)
+    if data.whole_word:
+        word_boundaries(tokenizer)
+    return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size, "head": "mlm", "labels": ()},
+                    lambda model: _task(settings, tokenizer, _max_length(settings, model)))
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Masked-LM loss, perplexity and accuracy at the masked tokens of the validation batches."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
-    task = _task(recipe, tokenizer, input_length(data.max_length, model.config.context_length))  # type: ignore[union-attr]
+    task = _task(settings, tokenizer, _max_length(settings, model))
     losses, correct, total = [], 0, 0
     with torch.no_grad():
         for batch in task.eval_batches(0, 1):

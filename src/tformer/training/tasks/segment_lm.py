@@ -14,12 +14,11 @@ A resume from another step (Ctrl-C) re-warms there, which an unbroken run does n
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,19 +26,30 @@ from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_fraction, check_positive
 from tformer.data.text import TokenizedCorpus, load_text
-from tformer.inference.generate import Sampling, choose_next, evaluating
-from tformer.models import FAMILIES, family_of, get_config
+from tformer.inference.generate import TEXT_SAMPLING, evaluating
+from tformer.inference.memory import generate_with_memory
+from tformer.models.protocols import MemoryLM
 from tformer.models.transformer_xl import Memory, TransformerXL, TransformerXLConfig
 from tformer.tokenizers.base import Tokenizer
 from tformer.training.distributed import unwrap
-from tformer.training.tasks.base import Batch, Prepared
-from tformer.training.tasks.causal_lm import causal_lm_loss, token_cache_dir
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, TaskData
+from tformer.training.tasks.causal_lm import causal_lm_loss, check_prompt, token_cache_dir
 
 log = logging.getLogger(__name__)
+
+NEEDS = MemoryLM
 TRAIN, EVAL = 0, 1
+
+
+class SegmentAt(NamedTuple):
+    """Where a batch lies: split (TRAIN/EVAL), shard of n_shards, segment index, and step."""
+
+    split: int
+    shard: int
+    n_shards: int
+    segment: int
+    step: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class TokenStreams:
         self.seg_len, self.separator = seg_len, separator
         self.n_segments = (per_stream - 1) // seg_len
 
-    def segment(self, g: int, rows: slice) -> Batch:
+    def segment(self, g: int, rows: slice) -> dict[str, Tensor]:
         """ids and targets (b, L) of segment g for `rows`; resets (b, L) when a separator is set."""
         start = g * self.seg_len
         window = np.asarray(self.rows[rows, max(start - 1, 0):start + self.seg_len + 1], dtype=np.int64)
@@ -116,8 +126,9 @@ class SegmentLMTask:
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
         segment = step % self.train.n_segments  # wraps around: memory starts empty again
-        batch = self.train.segment(segment, shard_rows(self.train.rows.shape[0], shard, n_shards))
-        return {**batch, "where": torch.tensor([TRAIN, shard, n_shards, segment, step])}
+        tensors = self.train.segment(segment, shard_rows(self.train.rows.shape[0], shard, n_shards))
+        return Batch(tensors, tensors["ids"].shape[0], tensors["ids"].numel(),
+                     SegmentAt(TRAIN, shard, n_shards, segment, step))
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
         """The validation streams' segments in order (the first n_eval_batches, or all)."""
@@ -125,10 +136,12 @@ class SegmentLMTask:
         n = self.val.n_segments if self.n_eval_batches is None else min(self.n_eval_batches,
                                                                         self.val.n_segments)
         for g in range(n):
-            yield {**self.val.segment(g, rows), "where": torch.tensor([EVAL, rank, world_size, g, g])}
+            tensors = self.val.segment(g, rows)
+            yield Batch(tensors, tensors["ids"].shape[0], tensors["ids"].numel(),
+                        SegmentAt(EVAL, rank, world_size, g, g))
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        split, shard, n_shards, segment, step = batch["where"].tolist()
+        split, shard, n_shards, segment, step = batch.context
         key = (split, shard, n_shards)
         memory = self._memory(model, key, segment, step, batch["ids"])
         out = model(batch["ids"], memory, resets=batch.get("resets"))
@@ -174,33 +187,9 @@ class SegmentLMTask:
         if self.tokenizer is None:
             return []
         prompt = self.tokenizer.encode(self.sample_prompt) or [0]
-        out = generate(model, prompt, self.sample_tokens, Sampling(temperature=0.8, top_k=200),
-                       mem_len=self.eval_mem_len, seed=self.seed)
+        out = generate_with_memory(model, prompt, self.sample_tokens, TEXT_SAMPLING,  # type: ignore[arg-type]
+                                   mem_len=self.eval_mem_len, seed=self.seed)
         return [self.tokenizer.decode(out.tolist())]
-
-
-@torch.no_grad()
-def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, sampling: Sampling, *,
-             mem_len: int | None = None, seed: int | None = None) -> Tensor:
-    """Prompt + up to `max_new_tokens` sampled tokens (1-D) from a Transformer-XL: the prompt
-    goes in segments of seg_len, then one token at a time; memory keeps `mem_len` positions
-    (default config.eval_memory) and replaces a KV cache."""
-    core: TransformerXL = unwrap(model)  # type: ignore[assignment]
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    device = core.lm_head.weight.device
-    ids = torch.tensor([prompt], device=device)
-    memory = core.new_memory(1, core.config.eval_memory if mem_len is None else mem_len)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    out = []
-    with evaluating(core):
-        for chunk in ids.split(core.config.seg_len, dim=1):
-            logits, memory = core(chunk, memory)
-        for _ in range(max_new_tokens):
-            token = choose_next(logits[:, -1], sampling, None, generator)  # (1,)
-            out.append(token)
-            logits, memory = core(token.unsqueeze(1), memory)
-    return torch.cat([ids[0], *out]) if out else ids[0]
 
 
 def _separator_id(data: DataSpec, tokenizer: Tokenizer) -> int | None:
@@ -214,42 +203,36 @@ def _separator_id(data: DataSpec, tokenizer: Tokenizer) -> int | None:
     return ids[0]
 
 
-def _task(recipe: Recipe, tokenizer: Tokenizer, config: TransformerXLConfig,
+def _task(settings: TaskSettings, tokenizer: Tokenizer, config: TransformerXLConfig,
           n_eval_batches: int | None) -> SegmentLMTask:
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
     corpus = TokenizedCorpus.build(data.source, tokenizer, token_cache_dir(data.cache_dir),
                                    val_fraction=data.val_fraction)
-    t, separator = recipe.training, _separator_id(data, tokenizer)
+    t, separator = settings.training, _separator_id(data, tokenizer)
     train = TokenStreams(corpus.train, t.batch_size, config.seg_len, separator=separator,
                          name="training")
     val = TokenStreams(corpus.val, data.eval_streams or t.batch_size, config.seg_len,
                        separator=separator, name="validation")
     return SegmentLMTask(train, val, mem_len=config.mem_len, eval_mem_len=config.eval_memory,
                          n_eval_batches=n_eval_batches, refresh_every=t.checkpoint_every or t.eval_every,
-                         tokenizer=tokenizer, sample_prompt=recipe.sample.prompt,
-                         sample_tokens=recipe.sample.tokens, seed=t.seed)
+                         tokenizer=tokenizer, sample_prompt=settings.sample.prompt,
+                         sample_tokens=settings.sample.tokens, seed=t.seed)
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Tokenizer (trained on the corpus once), a Transformer-XL sized to it, and the task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Tokenizer (trained on the corpus once); the Transformer-XL takes its vocabulary size."""
+    data: DataSpec = settings.data
     tokenizer = tokenizer_for(lambda: [load_text(data.source)])
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size})
-    if not isinstance(config, TransformerXLConfig):
-        raise ConfigError(f"task segment_lm needs a Transformer-XL model (e.g. preset txl-mini), got "
-                          f"the {family_of(config)} preset {recipe.model['preset']!r}")
-    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
-    model = FAMILIES[family_of(config)][1](config)
-    task = _task(recipe, tokenizer, config, recipe.training.eval_batches)
-    return Prepared(model, task, tokenizer, {"model_family": family_of(config),
-                                             "model_config": dataclasses.asdict(config)})
+    check_prompt(tokenizer, settings.sample.prompt)
+    _separator_id(data, tokenizer)  # a bad separator fails before the model is built
+    return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size},
+                    lambda model: _task(settings, tokenizer, model.config, settings.training.eval_batches))
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
     """Loss and perplexity over the whole validation split, in order, with eval_mem_len memory."""
     config: TransformerXLConfig = model.config  # type: ignore[assignment]
-    task = _task(recipe, tokenizer, config, None)
+    task = _task(settings, tokenizer, config, None)
     return evaluate_streams(model, task.eval_batches(0, 1), task)
 
 

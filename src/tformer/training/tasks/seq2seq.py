@@ -8,12 +8,10 @@ not used (data.tokens_per_batch sizes each step's batch).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,17 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
+from tformer.files import write_text_atomic
 from tformer.data.pairs import (IGNORE, TOO_LONG, Pair, PairsError, TokenBatches, collate_pairs,
                                 encode_pairs, read_pairs, split_indices)
 from tformer.inference.translate import translate
-from tformer.models import FAMILIES, family_of, get_config
+from tformer.models.protocols import ConditionalDecoder
 from tformer.tokenizers.base import Tokenizer
-from tformer.training.tasks.base import Batch, Prepared
-
-if TYPE_CHECKING:
-    from tformer.training.recipe import Recipe
+from tformer.training.settings import TaskSettings
+from tformer.training.tasks.base import Batch, TaskData
 
 log = logging.getLogger(__name__)
+
+NEEDS = ConditionalDecoder
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 TRANSLATIONS_FILE = "translations.tsv"
@@ -100,24 +99,26 @@ class Seq2SeqTask:
         self.valid_batches = TokenBatches(valid.lengths(), tokens_per_batch, seed).in_order()
         self.tokenizer, self.sample_sources = tokenizer, list(sample_sources)
 
-    def _collate(self, split: EncodedSplit, rows: np.ndarray) -> Batch:
-        return collate_pairs([split.sources[i] for i in rows], [split.targets[i] for i in rows],
-                             pad=self.special["<pad>"], bos=self.special["<bos>"], eos=self.special["<eos>"])
+    def _collate(self, split: EncodedSplit, rows: np.ndarray, loss_tokens: float) -> Batch:
+        """A padded batch; the loss is its summed cross-entropy / loss_tokens (Batch.context)."""
+        tensors = collate_pairs([split.sources[i] for i in rows], [split.targets[i] for i in rows],
+                                pad=self.special["<pad>"], bos=self.special["<bos>"], eos=self.special["<eos>"])
+        n_tokens = int(tensors["src_mask"].sum()) + int(tensors["tgt_mask"].sum())
+        return Batch(tensors, len(rows), n_tokens, context=loss_tokens)
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
-        """Shard `shard` of step `step`'s batch. `n_tokens` is the global batch's target token
-        count / n_shards, so the shards' mean loss equals the global batch's per-token mean."""
+        """Shard `shard` of step `step`'s batch. The loss divides by the global batch's target
+        token count / n_shards, so the shards' mean loss equals the global batch's per-token mean."""
         rows = self.batches.batch(step)
         if len(rows) < n_shards:
             raise ConfigError(f"step {step}'s batch has {len(rows)} pair(s), fewer than the {n_shards} "
                               "shards (grad_accum x processes); raise data.tokens_per_batch")
-        batch = self._collate(self.train, np.array_split(rows, n_shards)[shard])
         n_global = sum(len(self.train.targets[i]) + 1 for i in rows)
-        return {**batch, "n_tokens": torch.tensor(n_global / n_shards)}
+        return self._collate(self.train, np.array_split(rows, n_shards)[shard], n_global / n_shards)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
-        """Every validation pair once; each rank scores its share of every batch. `n_tokens` is
-        the split's token count / (ranks x this rank's batches), so the mean of the batch losses
+        """Every validation pair once; each rank scores its share of every batch. Losses divide
+        by the split's token count / (ranks x this rank's batches), so the mean of the batch losses
         over batches, then ranks (what the Trainer takes) is the per-token mean of the split."""
         shares = [np.array_split(rows, world_size)[rank] for rows in self.valid_batches]
         shares = [rows for rows in shares if len(rows)]
@@ -125,16 +126,15 @@ class Seq2SeqTask:
             raise ConfigError(f"{len(self.valid.sources)} validation pair(s) cannot be shared by "
                               f"{world_size} processes; raise data.valid_pairs")
         total = sum(len(t) + 1 for t in self.valid.targets)
-        norm = torch.tensor(total / (world_size * len(shares)))
         for rows in shares:
-            yield {**self._collate(self.valid, rows), "n_tokens": norm}
+            yield self._collate(self.valid, rows, total / (world_size * len(shares)))
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """Summed (label-smoothed while training) cross-entropy / batch["n_tokens"]."""
+        """Summed (label-smoothed while training) cross-entropy / batch.context (target tokens)."""
         logits = model(batch["src_ids"], batch["tgt_ids"], src_mask=batch["src_mask"],
                        tgt_mask=batch["tgt_mask"])  # (B, T, V)
         smoothing = self.label_smoothing if model.training else 0.0
-        return label_smoothed_loss(logits, batch["labels"], smoothing, reduction="sum") / batch["n_tokens"]
+        return label_smoothed_loss(logits, batch["labels"], smoothing, reduction="sum") / batch.context
 
     def samples(self, model: nn.Module) -> list[str]:
         """Greedy translations of a few validation sources, with their references."""
@@ -166,29 +166,28 @@ def _encode(pairs: list[Pair], rows: np.ndarray, tokenizer: Tokenizer, max_len: 
     return EncodedSplit(*encode_pairs([pairs[i] for i in rows], tokenizer, max_len, too_long))
 
 
-def prepare(recipe: Recipe, tokenizer_for: Any) -> Prepared:
-    """Pairs and splits, a joint tokenizer trained on both sides of the training split, a model
-    sized to it (special token ids included) and the task."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
+    """Pairs and splits, a joint tokenizer trained on both sides of the training split; the model
+    takes its vocabulary and special token ids."""
+    data: DataSpec = settings.data
     pairs, train, valid, _ = load_splits(data)
     tokenizer = tokenizer_for(lambda: (text for i in train for text in pairs[i]))
     special = special_ids(tokenizer)
-    overrides = {k: v for k, v in recipe.model.items() if k != "preset"}
-    config = get_config(recipe.model["preset"], **{**overrides, "vocab_size": tokenizer.vocab_size,
-                                                   "pad_id": special["<pad>"], "bos_id": special["<bos>"],
-                                                   "eos_id": special["<eos>"]})
-    torch.manual_seed(recipe.training.seed)  # the same initial weights in every process and run
-    model = FAMILIES[family_of(config)][1](config)
-    max_len = config.context_length
-    task = Seq2SeqTask(_encode(pairs, train, tokenizer, max_len, data.too_long),
-                       _encode(pairs, valid, tokenizer, max_len, "truncate"), special=special,
-                       tokens_per_batch=data.tokens_per_batch, seed=recipe.training.seed,
-                       label_smoothing=data.label_smoothing, tokenizer=tokenizer,
-                       sample_sources=[pairs[i] for i in valid[:data.n_samples]])
-    log.info("seq2seq: %d training pairs in %d batches per epoch, %d validation, vocabulary %d",
-             len(task.train.sources), len(task.batches), len(valid), tokenizer.vocab_size)
-    return Prepared(model, task, tokenizer,
-                    {"model_family": family_of(config), "model_config": dataclasses.asdict(config)})
+
+    def make_task(model: nn.Module) -> Seq2SeqTask:
+        max_len = model.config.context_length  # type: ignore[union-attr]
+        task = Seq2SeqTask(_encode(pairs, train, tokenizer, max_len, data.too_long),
+                           _encode(pairs, valid, tokenizer, max_len, "truncate"), special=special,
+                           tokens_per_batch=data.tokens_per_batch, seed=settings.training.seed,
+                           label_smoothing=data.label_smoothing, tokenizer=tokenizer,
+                           sample_sources=[pairs[i] for i in valid[:data.n_samples]])
+        log.info("seq2seq: %d training pairs in %d batches per epoch, %d validation, vocabulary %d",
+                 len(task.train.sources), len(task.batches), len(valid), tokenizer.vocab_size)
+        return task
+
+    fields = {"vocab_size": tokenizer.vocab_size, "pad_id": special["<pad>"], "bos_id": special["<bos>"],
+              "eos_id": special["<eos>"]}
+    return TaskData(tokenizer, fields, make_task)
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
@@ -204,19 +203,16 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any
 
 
 def write_translations(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    """source / reference / hypothesis TSV, written to a temporary file then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    clean = lambda text: text.replace("\t", " ").replace("\n", " ")
-    tmp.write_text("source\treference\thypothesis\n" + "".join(
-        "\t".join(map(clean, row)) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    """source / reference / hypothesis TSV, written atomically."""
+    clean = lambda text: text.replace("\t", " ").replace("\n", " ")  # noqa: E731
+    write_text_atomic(path, "source\treference\thypothesis\n" + "".join(
+        "\t".join(map(clean, row)) + "\n" for row in rows))
 
 
-def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
+def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
     """Validation loss, then BLEU / chrF of beam-search translations of the test split; the
     translations go to <run_dir>/translations.tsv."""
-    data: DataSpec = recipe.data  # type: ignore[assignment]
+    data: DataSpec = settings.data
     pairs, _, valid, test = load_splits(data)
     if len(test) == 0:
         raise PairsError("data.test_pairs is 0: there is no test split to score")
@@ -232,7 +228,7 @@ def evaluate(recipe: Recipe, model: nn.Module, tokenizer: Tokenizer) -> dict[str
     sources, references = [pairs[i][0] for i in test], [pairs[i][1] for i in test]
     hypotheses = translate(model, tokenizer, sources, beam_width=data.beam_width,  # type: ignore[arg-type]
                            length_penalty=data.length_penalty, too_long="truncate")
-    path = Path(recipe.run_dir) / TRANSLATIONS_FILE
+    path = Path(settings.run_dir) / TRANSLATIONS_FILE
     write_translations(path, list(zip(sources, references, hypotheses)))
     return {"val_loss": float(np.mean(losses)), **corpus_scores(hypotheses, references),
             "test_pairs": len(test), "beam_width": data.beam_width, "translations": str(path)}

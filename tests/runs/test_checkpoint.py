@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tformer.models.gpt import GPT, GPTConfig
-from tformer.training import checkpoint
-from tformer.training.checkpoint import CheckpointError
+from tformer.runs import checkpoint
+from tformer.runs.checkpoint import CheckpointError
 
 
 def tiny(seed=0, **overrides):

@@ -1,0 +1,90 @@
+"""The typed sections of a recipe that a task and the Trainer read: training, sample and
+tokenizer settings, and `TaskSettings`, the bundle a task module receives instead of the recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tformer.config import ConfigError, check_choice, check_positive
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 12  # sequences per optimizer step, summed over processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 on CPU
+    eval_every: int = 250
+    eval_batches: int = 20
+    checkpoint_every: int | None = None  # None: with every evaluation
+    log_every: int = 10
+    early_stop_patience: int | None = None  # evaluations without improvement before stopping
+    max_bad_steps: int = 3  # non-finite steps in a row before restoring the last checkpoint
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
+                     "log_every", "max_bad_steps"):
+            check_positive(name, getattr(self, name))
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        for name in ("checkpoint_every", "early_stop_patience", "min_lr"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name), allow_zero=name == "min_lr")
+        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                              f"({self.grad_accum})")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    kind: str = "char"  # char | bpe | file
+    vocab_size: int = 4096  # bpe only
+    path: str | None = None  # kind=file: a tokenizer JSON (tformer or Hugging Face tokenizer.json)
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe only
+
+    def __post_init__(self) -> None:
+        check_choice("tokenizer.kind", self.kind, ("char", "bpe", "file"))
+        if self.kind == "file" and not self.path:
+            raise ConfigError("tokenizer.kind=file needs tokenizer.path (a tokenizer JSON file)")
+        object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    prompt: str = "\n"
+    tokens: int = 200
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ConfigError(f"sample.tokens must be >= 1, got {self.tokens}")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a task module reads: its own data section, the training and sample sections, and
+    where outputs go. Never the whole recipe."""
+
+    data: Any  # the task module's DataSpec
+    training: TrainConfig = TrainConfig()
+    sample: SampleSpec = SampleSpec()
+    run_dir: Path = Path("runs/default")
