@@ -182,7 +182,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="source ids must be a non-empty"):
         model.encode(torch.ones(1, 0, dtype=torch.long))
     decoder = model.bind(src)
-    with pytest.raises(ValueError, match="bound to 1 sources"):
+    with pytest.raises(ValueError, match="bound to 1 encoded inputs"):
         decoder.new_cache(2, 4)
     with pytest.raises(TypeError, match="its own cache"):
         decoder(torch.tensor([[1]]), cache=KVCache(2, 1, H, D // H, 4))

@@ -9,7 +9,9 @@ condition dropout it gives the unconditional model that classifier-free guidance
 2022) mixes in while sampling.
 
 Decoding reuses the shared generation code: `model.bind(cond_ids, cond_mask, guidance_scale)`
-returns a causal LM over pixel tokens (the `CausalLM` protocol), sampled by `generate`.
+returns a causal LM over pixel tokens (the `CausalLM` protocol), sampled by `generate`. The
+stacks, the decoder cache and the bound decoder are the encoder-decoder core
+(`models.encoder_decoder`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
 from tformer.data.palette import Palette
-from tformer.models.seq2seq import BoundView, DecoderConfig, Seq2SeqCache
-from tformer.nn import MLP, AttentionInputs, Block, KVCache, MultiHeadAttention, causal, key_padding, make_activation, make_norm
+from tformer.models.encoder_decoder import (BlockSpec, BoundDecoder, DecoderConfig, EncoderDecoder,
+                                            EncoderDecoderCache)
+from tformer.nn import KVCache
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.norm import NORMS
@@ -97,6 +100,12 @@ class ImageGenConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def block_spec(self) -> BlockSpec:
+        """Pre-norm blocks; one dropout rate for residual branches, the MLP and attention."""
+        return BlockSpec(self.d_model, self.n_heads, self.d_ff or 4 * self.d_model, self.activation,
+                         self.norm, self.norm_eps, True, self.dropout, self.dropout, self.attn_backend)
+
 
 PRESETS: dict[str, dict] = {
     # the shape of the Keras sketch tformer started from: 64 dims, 4 heads, 2 + 2 layers
@@ -105,19 +114,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_block(config: ImageGenConfig, cross: bool) -> Block:
-    """A pre-norm block; with `cross`, a decoder block that attends to the condition."""
-    c, d = config, config.d_model
-
-    def attn(d_context: int | None = None) -> MultiHeadAttention:
-        return MultiHeadAttention(d, c.n_heads, d_context=d_context, dropout=c.dropout, backend=c.attn_backend)
-
-    ffn = MLP(d, c.d_ff or 4 * d, make_activation(c.activation), dropout=c.dropout)
-    return Block(attn(), ffn, lambda: make_norm(c.norm, d, eps=c.norm_eps),
-                 cross_attn=attn(d_context=d) if cross else None, pre_norm=True, dropout=c.dropout)
-
-
-class ImageGenerator(nn.Module):
+class ImageGenerator(EncoderDecoder):
     """Condition ids (B, L) and pixel tokens (B, H*W) -> next-pixel logits (B, H*W, K)."""
 
     def __init__(self, config: ImageGenConfig) -> None:
@@ -128,12 +125,8 @@ class ImageGenerator(nn.Module):
         self.pixel_emb = nn.Embedding(c.n_image_tokens + 1, c.d_model)  # + <bos>
         self.row_emb, self.col_emb = nn.Embedding(c.height, c.d_model), nn.Embedding(c.width, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.encoder = nn.ModuleList(build_block(c, cross=False) for _ in range(c.n_encoder_layers))
-        self.decoder = nn.ModuleList(build_block(c, cross=True) for _ in range(c.n_decoder_layers))
-        self.encoder_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps)
-        self.decoder_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps)
+        self.build_stacks(c.block_spec, c.n_encoder_layers, c.n_decoder_layers, final_norms=True)
         self.head = nn.Linear(c.d_model, c.n_image_tokens, bias=False)
-        self.causal = causal()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,39 +156,31 @@ class ImageGenerator(nn.Module):
                 raise ValueError(f"condition id {low if low < 0 else high} is outside [0, {c.condition_vocab}]")
         positions = torch.arange(cond_ids.shape[1], device=cond_ids.device)
         x = self.drop(self.cond_emb(cond_ids) + self.cond_pos(positions))
-        mask = None if cond_mask is None else key_padding(cond_mask.bool())
-        for block in self.encoder:
-            x = block(x, AttentionInputs(mask))
-        return self.encoder_norm(x)
+        return self.run_encoder(x, None if cond_mask is None else cond_mask.bool())
 
     def pixel_positions(self, positions: Tensor) -> Tensor:
         """Row + column embeddings of flat pixel indices (any shape) -> (..., d_model)."""
         positions = positions.clamp(max=self.config.n_pixels - 1)
         return self.row_emb(positions // self.config.width) + self.col_emb(positions % self.config.width)
 
+    def embed_target(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """Input t predicts pixel t, whose row/column embeddings it carries."""
+        return self.drop(self.pixel_emb(ids) + self.pixel_positions(positions))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)
+
+    def check_target(self, ids: Tensor, valid: Tensor | None, cached: bool) -> None:
+        if not cached and ids.shape[1] > self.config.n_pixels:
+            raise ValueError(f"{ids.shape[1]} decoder inputs exceed the image's "
+                             f"{self.config.n_pixels} pixels")
+
     def decode(self, ids: Tensor, memory: Tensor | None, *, cond_mask: Tensor | None = None,
-               cache: Seq2SeqCache | None = None) -> Tensor:
-        """ids: (B, T) decoder input (<bos>, then pixel tokens); input t predicts pixel t, whose
-        row/column embeddings it carries. memory: (B, L, d_model) (a cache holds its own).
-        Returns logits over the palette (B, T, K)."""
-        self_mask = self.causal
-        if cache is not None:
-            positions = cache.append(torch.ones_like(ids, dtype=torch.bool))
-            memory, cond_valid = cache.memory, cache.src_valid
-        else:
-            if ids.shape[1] > self.config.n_pixels:
-                raise ValueError(f"{ids.shape[1]} decoder inputs exceed the image's {self.config.n_pixels} pixels")
-            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-            cond_valid = None if cond_mask is None else cond_mask.bool()
-        context_mask = None if cond_valid is None else key_padding(cond_valid)
-        x = self.drop(self.pixel_emb(ids) + self.pixel_positions(positions))
-        for i, block in enumerate(self.decoder):
-            x = block(x, AttentionInputs(self_mask, cache=None if cache is None else cache.layers[i]),
-                      AttentionInputs(context_mask, context=memory,
-                                      cache=None if cache is None else cache.cross[i]))
-        if cache is not None:
-            cache.memory = None  # projected into cache.cross by every layer
-        return self.head(self.decoder_norm(x))
+               cache: EncoderDecoderCache | None = None) -> Tensor:
+        """ids: (B, T) decoder input (<bos>, then pixel tokens); memory: (B, L, d_model) (a cache
+        holds its own). Returns logits over the palette (B, T, K)."""
+        return self.run_decoder(ids, memory, context_valid=None if cond_mask is None else cond_mask.bool(),
+                                cache=cache)
 
     def forward(self, cond_ids: Tensor, tokens: Tensor, *, cond_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (B, H*W, K) for pixel tokens (B, H*W) given conditions (B, L)."""
@@ -242,38 +227,26 @@ def check_guidance(scale: float) -> None:
                          f"0 = unconditional, 1.5-4 typical), got {scale!r}")
 
 
-class BoundImageDecoder(BoundView):
+class BoundImageDecoder(BoundDecoder):
     """The decoder bound to encoded conditions: a causal LM over pixel tokens (the `CausalLM`
     protocol). With guidance s != 1 each step runs the conditional and null rows together and
     returns log p_null + s (log p_cond - log p_null). Its vocabulary includes <bos>, which is
     never sampled (its logit is -inf)."""
 
-    def __init__(self, model: ImageGenerator, memory: Tensor, cond_valid: Tensor | None, guidance: float) -> None:
-        self.model, self.memory, self.cond_valid, self.guidance = model, memory, cond_valid, guidance
+    def __init__(self, model: ImageGenerator, memory: Tensor, cond_valid: Tensor | None,
+                 guidance: float) -> None:
         c = model.config
-        self.config = DecoderConfig(c.n_image_tokens + 1, c.n_pixels + 1)
-        self.rows = memory.shape[0] // (1 if guidance == 1.0 else 2)
-
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> Seq2SeqCache:
-        if batch != self.rows:
-            raise ValueError(f"this decoder is bound to {self.rows} conditions; start one image per "
-                             f"condition, not {batch}")
-        weight = self.model.head.weight
-        return Seq2SeqCache(self.model.config, max_len or self.config.context_length,  # type: ignore[arg-type]
-                            self.memory, self.cond_valid, dtype=dtype or weight.dtype,
-                            device=torch.device(device or weight.device))
+        super().__init__(model, memory, cond_valid, DecoderConfig(c.n_image_tokens + 1, c.n_pixels + 1))
+        self.guidance = guidance
+        self.rows = memory.shape[0] // (1 if guidance == 1.0 else 2)  # guided: [conditions; null]
 
     def __call__(self, ids: Tensor, *, attention_mask: Tensor | None = None,
                  cache: KVCache | None = None) -> Tensor:
         """ids (B, T) -> logits (B, T, K + 1); the prompt must be unpadded (<bos> per row)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("image prompts cannot be padded: start every image from <bos>")
-        if cache is not None and not isinstance(cache, Seq2SeqCache):
-            raise TypeError("a bound image decoder needs its own cache: use decoder.new_cache(batch)")
         guided = self.guidance != 1.0
-        inputs = torch.cat([ids, ids]) if guided else ids
-        logits = self.model.decode(inputs, self.memory, cond_mask=self.cond_valid, cache=cache)
+        logits = super().__call__(torch.cat([ids, ids]) if guided else ids, cache=cache)
         if guided:
             cond, null = F.log_softmax(logits.float(), -1).chunk(2)
             logits = null + self.guidance * (cond - null)

@@ -5,23 +5,22 @@ projected once per source while decoding.
 
 Decoding reuses the shared generation code: `model.bind(src_ids, src_mask)` encodes the sources
 once and returns a `BoundDecoder`, a causal LM over target tokens (the `CausalLM` protocol of
-`tformer.inference.generate`), so `generate` and `beam_search` translate, batched.
+`tformer.inference.generate`), so `generate` and `beam_search` translate, batched. The stacks,
+the decoder cache and the bound decoder are the encoder-decoder core (`models.encoder_decoder`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
-from tformer.nn import (MLP, AttentionInputs, Block, CrossKV, KVCache, MultiHeadAttention, SinusoidalPositions,
-                        TokenEmbedding, causal, key_padding, make_activation, make_norm)
+from tformer.models.encoder_decoder import (BlockSpec, BoundDecoder, DecoderConfig, EncoderDecoder,
+                                            EncoderDecoderCache, positions_of)
+from tformer.nn import SinusoidalPositions, TokenEmbedding
 from tformer.nn.attend import BACKENDS
 from tformer.nn.feedforward import ACTIVATIONS
-from tformer.nn.masks import Mask
 from tformer.nn.norm import NORMS
 
 
@@ -83,6 +82,12 @@ class Seq2SeqConfig:
     def has_final_norm(self) -> bool:
         return self.pre_norm if self.final_norm is None else self.final_norm
 
+    @property
+    def block_spec(self) -> BlockSpec:
+        return BlockSpec(self.d_model, self.n_heads, self.d_ff or 4 * self.d_model, self.activation,
+                         self.norm, self.norm_eps, self.pre_norm, self.dropout,
+                         self.dropout if self.attn_dropout is None else self.attn_dropout, self.attn_backend)
+
 
 PRESETS: dict[str, dict] = {
     # Vaswani et al. 2017, table 3: base (65M with a 37k shared vocabulary) and big
@@ -96,72 +101,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_block(config: Seq2SeqConfig, cross: bool) -> Block:
-    """One encoder block, or (cross=True) one decoder block with cross-attention."""
-    d, c = config.d_model, config
-    attn_dropout = c.dropout if c.attn_dropout is None else c.attn_dropout
-
-    def attn(d_context: int | None = None) -> MultiHeadAttention:
-        return MultiHeadAttention(d, c.n_heads, d_context=d_context, dropout=attn_dropout,
-                                  backend=c.attn_backend)
-
-    ffn = MLP(d, c.d_ff or 4 * d, make_activation(c.activation), dropout=c.dropout)
-    return Block(attn(), ffn, lambda: make_norm(c.norm, d, eps=c.norm_eps),
-                 cross_attn=attn(d_context=d) if cross else None, pre_norm=c.pre_norm, dropout=c.dropout)
-
-
-def positions_of(ids: Tensor, valid: Tensor | None) -> Tensor:
-    """Position ids (B or 1, T) that count real tokens only, so left and right padding give the
-    same positions to the same tokens."""
-    if valid is None:
-        return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    return (valid.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def final_norm(config: Seq2SeqConfig) -> nn.Module:
-    """The norm after a stack (pre-norm needs it; torch.nn.Transformer has it in both layouts)."""
-    if not config.has_final_norm:
-        return nn.Identity()
-    return make_norm(config.norm, config.d_model, eps=config.norm_eps)
-
-
-class Seq2SeqCache(KVCache):
-    """The decoder's self-attention cache plus, per layer, the cross-attention keys/values of the
-    encoded sources (projected on the first decoding step) and the source padding mask.
-    `reorder` (beam search) reorders all of them.
-
-    memory:    (B, S, d_model) encoder output until the first step has projected it, then None
-    src_valid: (B, S) bool, True for real source tokens (None: no padding)
-    cross:     one CrossKV per decoder layer, keys/values (B, H, S, head_dim)
-    """
-
-    def __init__(self, config: Seq2SeqConfig, max_len: int, memory: Tensor, src_valid: Tensor | None,
-                 *, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(config.n_decoder_layers, memory.shape[0], config.n_heads, config.head_dim,
-                         max_len, dtype=dtype, device=device)
-        self.memory: Tensor | None = memory
-        self.src_valid = src_valid
-        self.cross = [CrossKV() for _ in range(config.n_decoder_layers)]
-
-    def reorder(self, rows: Tensor) -> None:
-        super().reorder(rows)
-        if self.memory is not None:
-            self.memory = self.memory.index_select(0, rows)
-        if self.src_valid is not None:
-            self.src_valid = self.src_valid.index_select(0, rows)
-        for layer in self.cross:
-            layer.reorder(rows)
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    """What generation reads off a causal LM's config."""
-
-    vocab_size: int
-    context_length: int
-
-
-class Seq2Seq(nn.Module):
+class Seq2Seq(EncoderDecoder):
     """Source ids (B, S) and target input ids (B, T) -> next-target-token logits (B, T, V)."""
 
     def __init__(self, config: Seq2SeqConfig) -> None:
@@ -172,11 +112,8 @@ class Seq2Seq(nn.Module):
                         TokenEmbedding(c.target_vocab_size, c.d_model, scale=c.scale_embeddings))
         self.pos = SinusoidalPositions(c.context_length, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.encoder = nn.ModuleList(build_block(c, cross=False) for _ in range(c.n_encoder_layers))
-        self.decoder = nn.ModuleList(build_block(c, cross=True) for _ in range(c.n_decoder_layers))
-        self.encoder_norm, self.decoder_norm = final_norm(c), final_norm(c)
+        self.build_stacks(c.block_spec, c.n_encoder_layers, c.n_decoder_layers, final_norms=c.has_final_norm)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
-        self.causal = causal()
         self.reset_parameters()
         if c.tie_output:
             self.out_proj.weight = self.tgt_emb.weight
@@ -189,7 +126,7 @@ class Seq2Seq(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for emb in {self.src_emb, self.tgt_emb}:
+        for emb in dict.fromkeys([self.src_emb, self.tgt_emb]):  # once each, in a fixed order
             nn.init.normal_(emb.weight, mean=0.0, std=self.config.d_model ** -0.5)
 
     def num_parameters(self) -> int:
@@ -208,46 +145,28 @@ class Seq2Seq(nn.Module):
     def _embed(self, emb: TokenEmbedding, ids: Tensor, positions: Tensor) -> Tensor:
         return self.drop(emb(ids) + self.pos(positions).to(emb.weight.dtype))  # (B, T, d_model)
 
+    def embed_target(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return self._embed(self.tgt_emb, ids, positions)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.out_proj(hidden)
+
+    def check_target(self, ids: Tensor, valid: Tensor | None, cached: bool) -> None:
+        self._check(ids, valid, "target", cached=cached)
+
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """src_ids: (B, S) long; src_mask: (B, S), 1 for real tokens, 0 for padding (either
         side). Returns the memory (B, S, d_model)."""
         self._check(src_ids, src_mask, "source")
         valid = None if src_mask is None else src_mask.bool()
-        mask = None if valid is None else key_padding(valid)
-        x = self._embed(self.src_emb, src_ids, positions_of(src_ids, valid))
-        for block in self.encoder:
-            x = block(x, AttentionInputs(mask))
-        return self.encoder_norm(x)
+        return self.run_encoder(self._embed(self.src_emb, src_ids, positions_of(src_ids, valid)), valid)
 
     def decode(self, tgt_ids: Tensor, memory: Tensor | None, *, src_mask: Tensor | None = None,
-               tgt_mask: Tensor | None = None, cache: Seq2SeqCache | None = None) -> Tensor:
+               tgt_mask: Tensor | None = None, cache: EncoderDecoderCache | None = None) -> Tensor:
         """tgt_ids: (B, T) target input (starting with <bos>); memory: (B, S, d_model) from
         `encode` (ignored with a cache, which holds its own). Returns logits (B, T, V)."""
-        self._check(tgt_ids, tgt_mask, "target", cached=cache is not None)
-        valid = None if tgt_mask is None else tgt_mask.bool()
-        self_mask: Mask = self.causal
-        if cache is not None:
-            if cache.batch_size != tgt_ids.shape[0]:
-                raise ValueError(f"cache holds {cache.batch_size} sequences, input has {tgt_ids.shape[0]}")
-            positions = cache.append(torch.ones_like(tgt_ids, dtype=torch.bool) if valid is None else valid)
-            self_mask = self.causal & key_padding(cache.valid)
-            memory, src_valid = cache.memory, cache.src_valid
-        else:
-            if memory is None:
-                raise ValueError("decode needs the encoder memory (or a cache from BoundDecoder.new_cache)")
-            src_valid = None if src_mask is None else src_mask.bool()
-            positions = positions_of(tgt_ids, valid)
-            if valid is not None:
-                self_mask = self.causal & key_padding(valid)
-        context_mask = None if src_valid is None else key_padding(src_valid)
-        x = self._embed(self.tgt_emb, tgt_ids, positions)
-        for i, block in enumerate(self.decoder):
-            x = block(x, AttentionInputs(self_mask, cache=None if cache is None else cache.layers[i]),
-                      AttentionInputs(context_mask, context=memory,
-                                      cache=None if cache is None else cache.cross[i]))
-        if cache is not None:
-            cache.memory = None  # every layer has projected it into cache.cross
-        return self.out_proj(self.decoder_norm(x))
+        return self.run_decoder(tgt_ids, memory, context_valid=None if src_mask is None else src_mask.bool(),
+                                target_valid=None if tgt_mask is None else tgt_mask.bool(), cache=cache)
 
     def forward(self, src_ids: Tensor, tgt_ids: Tensor, *, src_mask: Tensor | None = None,
                 tgt_mask: Tensor | None = None) -> Tensor:
@@ -258,62 +177,9 @@ class Seq2Seq(nn.Module):
 
     def bind(self, src_ids: Tensor, src_mask: Tensor | None = None) -> BoundDecoder:
         """Encode the sources once; the returned decoder generates their translations."""
-        return BoundDecoder(self, self.encode(src_ids, src_mask),
-                            None if src_mask is None else src_mask.bool())
+        valid = None if src_mask is None else src_mask.bool()
+        return BoundDecoder(self, self.encode(src_ids, src_mask), valid,
+                            DecoderConfig(self.config.target_vocab_size, self.config.context_length))
 
 
-class BoundView:
-    """What generation needs of a model besides calling it: its mode and parameters, taken from
-    the encoder-decoder `self.model` that this view decodes with."""
-
-    model: nn.Module
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True) -> BoundView:
-        self.model.train(mode)
-        return self
-
-    def eval(self) -> BoundView:
-        return self.train(False)
-
-    def parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.parameters()
-
-
-class BoundDecoder(BoundView):
-    """The decoder of a Seq2Seq bound to encoded sources: a causal LM over target tokens (the
-    `CausalLM` protocol), so `generate` and `beam_search` run unchanged. Row i of a batch decodes
-    source i; its caches carry the cross-attention keys/values (see Seq2SeqCache)."""
-
-    def __init__(self, model: Seq2Seq, memory: Tensor, src_valid: Tensor | None) -> None:
-        self.model, self.memory, self.src_valid = model, memory, src_valid
-        self.config = DecoderConfig(model.config.target_vocab_size, model.config.context_length)
-
-    def new_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> Seq2SeqCache:
-        """A cache for the `batch` bound sources (batch must equal their number)."""
-        if batch != self.memory.shape[0]:
-            raise ValueError(f"this decoder is bound to {self.memory.shape[0]} sources; give one "
-                             f"target prompt per source, not {batch}")
-        max_len = self.config.context_length if max_len is None else max_len
-        if max_len > self.config.context_length:
-            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context length "
-                             f"({self.config.context_length})")
-        weight = self.model.out_proj.weight
-        return Seq2SeqCache(self.model.config, max_len, self.memory, self.src_valid,
-                            dtype=dtype or weight.dtype, device=torch.device(device or weight.device))
-
-    def __call__(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                 cache: KVCache | None = None) -> Tensor:
-        """Target ids (B, T) -> logits (B, T, V); with a cache, the new tokens are appended."""
-        if cache is not None and not isinstance(cache, Seq2SeqCache):
-            raise TypeError("a bound decoder needs its own cache: use decoder.new_cache(batch, max_len)")
-        if cache is None and ids.shape[0] != self.memory.shape[0]:
-            raise ValueError(f"this decoder is bound to {self.memory.shape[0]} sources, got "
-                             f"{ids.shape[0]} target rows")
-        return self.model.decode(ids, self.memory, src_mask=self.src_valid, tgt_mask=attention_mask,
-                                 cache=cache)
-
+Seq2SeqCache = EncoderDecoderCache  # the name before the encoder-decoder core
