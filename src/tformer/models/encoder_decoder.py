@@ -110,6 +110,14 @@ class EncoderDecoder(nn.Module):
         self.causal = causal()  # one object: FlexAttention block masks are cached on it
         self.spec = spec
 
+    def residual_projections(self) -> list[nn.Linear]:
+        """The Linear layers whose outputs are added to the residual stream: every block's
+        attention and cross-attention output projections and its MLP down projection (the ones
+        GPT-2's initialisation scales)."""
+        blocks = [*self.encoder, *self.decoder]
+        projections = [block.attn.out_proj for block in blocks] + [block.ffn.down for block in blocks]
+        return projections + [block.cross_attn.out_proj for block in self.decoder]
+
     def embed_target(self, ids: Tensor, positions: Tensor) -> Tensor:
         """Decoder input ids (B, T) at `positions` (B or 1, T) -> (B, T, d_model)."""
         raise NotImplementedError

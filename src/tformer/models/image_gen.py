@@ -130,12 +130,15 @@ class ImageGenerator(EncoderDecoder):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 x layers)."""
+        """GPT-2 initialisation: N(0, 0.02) for every matrix and embedding, zero biases, unit norms;
+        the projections into the residual stream (attention and cross-attention out_proj, MLP
+        down) N(0, 0.02 / sqrt(2 x layers)), layers = encoder + decoder (Radford et al. 2019, 2.3)."""
         layers = self.config.n_encoder_layers + self.config.n_decoder_layers
-        for name, p in self.named_parameters():
+        residual = {id(linear.weight) for linear in self.residual_projections()}
+        for p in self.parameters():
             if p.dim() < 2:
                 continue
-            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "fc2.weight")) else 0.02
+            std = 0.02 / math.sqrt(2 * layers) if id(p) in residual else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
