@@ -59,8 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.conditions:
         raise ValueError("--condition is for image generators; give text with --prompt")
     if "generate" not in p.verbs:
-        raise ValueError(f"{args.run_dir} holds a model that generates no text (it can: {', '.join(p.verbs)}); "
-                         f"use tformer predict {args.run_dir} ...")
+        raise p.refuse("generate")
     prompt = "\n" if args.prompt is None else args.prompt
     sampling = text_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     sys.stdout.write(prompt)
@@ -132,8 +131,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from tformer.inference.pipeline import pipeline
 
     p = pipeline(args.run_dir, args.checkpoint)
+    if not p.verbs:
+        raise p.refuse("predict")
     inputs = read_inputs(args)
-    verb = (p.verbs or ["nothing"])[0]
+    verb = p.verbs[0]
     if verb == "draw":
         sampling, guidance = _image_sampling(args, p)
         images = p.draw(inputs, args.n, guidance=guidance, sampling=sampling, seed=args.seed)

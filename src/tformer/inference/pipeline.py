@@ -71,16 +71,19 @@ class Pipeline:
                  "translate": can(ConditionalDecoder) and not can(ImageSampler)}
         return [verb for verb in VERBS if found[verb]]
 
-    def _refuse(self, verb: str) -> ValueError:
-        offers = ", ".join(self.verbs) or "nothing to predict"
-        return ValueError(f"{self.run.path} holds a model that cannot {verb} (it can: {offers}); "
-                          f"use tformer predict {self.run.path} with what it takes")
+    def refuse(self, verb: str) -> ValueError:
+        """The error for a verb this model cannot do, naming what it can."""
+        if not self.verbs:
+            return ValueError(f"{self.run.path} holds a model with nothing to predict (it cannot classify, "
+                              f"generate, translate or draw); fine-tune it into one that can, with "
+                              f"model.init_from: {self.run.path}")
+        return ValueError(f"{self.run.path} holds a model that cannot {verb}; it can {', '.join(self.verbs)}")
 
     def predict(self, inputs: Sequence[Any], **options: Any) -> Any:
         """The model's own verb on `inputs` (texts, image paths, prompts or conditions)."""
         verbs = self.verbs
         if not verbs:
-            raise self._refuse("predict")
+            raise self.refuse("predict")
         if verbs[0] == "generate":
             return [self.generate(str(prompt), **options) for prompt in inputs]
         return getattr(self, verbs[0])(inputs, **options)
@@ -96,7 +99,7 @@ class Pipeline:
         elif self.run.can(ImageClassifier):
             logits = self._image_logits([self._as_image(x) for x in inputs])
         else:
-            raise self._refuse("classify")
+            raise self.refuse("classify")
         probabilities = torch.softmax(logits.float(), dim=-1).numpy()
         labels = self.model.labels  # type: ignore[attr-defined]
         return [Prediction(_describe(x), labels[int(p.argmax())], {n: float(v) for n, v in zip(labels, p)})
@@ -151,7 +154,7 @@ class Pipeline:
                seed: int | None = None) -> Iterator[str]:
         """Pieces of text (whole characters) that continue `prompt`."""
         if self.tokenizer is None or not (self.run.can(CausalLM) or self.run.can(MemoryLM)):
-            raise self._refuse("generate")
+            raise self.refuse("generate")
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("the prompt encodes to no tokens; give some text")
@@ -173,7 +176,7 @@ class Pipeline:
     def translate(self, texts: Sequence[str], *, beam_width: int | None = None) -> list[str]:
         """Translations of `texts` (beam search; default width: the recipe's, else 4)."""
         if not self.run.can(ConditionalDecoder) or self.run.can(ImageSampler) or self.tokenizer is None:
-            raise self._refuse("translate")
+            raise self.refuse("translate")
         texts = [str(t) for t in texts]
         if not texts or not all(t.strip() for t in texts):
             raise ValueError("nothing to translate: give non-empty sentences")
@@ -187,7 +190,7 @@ class Pipeline:
         """`per_condition` images per condition (class names or prompts; default: every class),
         grouped by condition: (N, H, W, C) uint8. Sampling and guidance default to the recipe's."""
         if not self.run.can(ImageSampler):
-            raise self._refuse("draw")
+            raise self.refuse("draw")
         sampling_default, guidance_default = self.image_defaults()
         conditions = list(conditions) if conditions else self.default_conditions()
         return sample_images(self.model, conditions, per_condition, sampling or sampling_default,  # type: ignore[arg-type]

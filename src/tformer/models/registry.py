@@ -37,17 +37,21 @@ def family_of(config: Any) -> str:
     raise ConfigError(f"{type(config).__name__} is not the config of a registered model family")
 
 
+def preset_family(name: str) -> str:
+    """The family a preset (or a family's own name) builds; unknown names raise ConfigError."""
+    if name in PRESETS:
+        return PRESETS[name][0]
+    if name in FAMILIES:
+        return name
+    options = [*PRESETS, *FAMILIES]
+    raise ConfigError(f"unknown model or preset {name!r}{did_you_mean(name, options)}; available: {', '.join(options)}")
+
+
 def get_config(name: str, **overrides: Any) -> Any:
     """The config of a preset (e.g. 'gpt2-small') or a family's defaults (e.g. 'gpt'), with
     `overrides` applied; unknown names and keys raise ConfigError."""
-    if name in PRESETS:
-        family, values = PRESETS[name]
-    elif name in FAMILIES:
-        family, values = name, {}
-    else:
-        options = [*PRESETS, *FAMILIES]
-        raise ConfigError(f"unknown model or preset {name!r}{did_you_mean(name, options)}; "
-                          f"available: {', '.join(options)}")
+    family = preset_family(name)
+    values = PRESETS[name][1] if name in PRESETS else {}
     config_cls = FAMILIES[family][0]
     return from_dict(config_cls, {**values, **overrides}, where=f"the {family} config")
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tformer.config import ConfigError, did_you_mean, from_dict
+from tformer.config import ConfigError, from_dict
 from tformer.models.protocols import can, capabilities
 from tformer.models.record import model_record
-from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config
+from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config, preset_family
 from tformer.runs.run import TOKENIZER_FILE, find_checkpoint, load_model, run_dir_of
 from tformer.tokenizers import load_tokenizer
 
@@ -59,17 +59,9 @@ class ModelSpec:
             get_config(self.preset, **self.overrides)
 
 
-def family_of_preset(preset: str) -> str:
-    if preset in PRESETS:
-        return PRESETS[preset][0]
-    if preset in FAMILIES:
-        return preset
-    raise ConfigError(f"unknown model or preset {preset!r}{did_you_mean(preset, [*PRESETS, *FAMILIES])}")
-
-
 def _config(spec: ModelSpec, fields: dict[str, Any], task: str) -> Any:
     """The preset's config with the overrides, then the task's fields."""
-    family = family_of_preset(spec.preset)
+    family = preset_family(spec.preset)
     known = {f.name for f in dataclasses.fields(FAMILIES[family][0])}
     foreign = [k for k in fields if k not in known]
     if foreign:
@@ -122,9 +114,9 @@ def _from_run(spec: ModelSpec, fields: dict[str, Any], tokenizer: Any) -> tuple[
             load_tokenizer(tokenizer_path).fingerprint() != tokenizer.fingerprint()):
         raise ConfigError(f"the recipe's tokenizer is not the one {spec.init_from} was trained with "
                           f"({tokenizer_path}); use that one")
-    if family_of_preset(spec.preset) != family_of(source.config):
+    if preset_family(spec.preset) != family_of(source.config):
         raise ConfigError(f"model.init_from={spec.init_from!r} holds a {family_of(source.config)} model, but "
-                          f"model.preset={spec.preset!r} is a {family_of_preset(spec.preset)}")
+                          f"model.preset={spec.preset!r} is a {preset_family(spec.preset)}")
     fields = dict(fields)
     for key in SIZE_FIELDS:  # the data may use fewer tokens than the run's vocabulary
         if key in fields and fields[key] <= getattr(source.config, key):
