@@ -4,7 +4,7 @@
 A checkpoint directory holds config.json + model.safetensors (or a sharded index); pickles are
 never loaded. HF's separate query/key/value Linears become our fused `qkv_proj` (rows
 [q | k | v]). Loading is strict: every tensor is used or named as extra, every parameter is set.
-`convert_vit` writes a tformer run directory that `load_run` reads and recipes fine-tune from.
+`convert_vit` writes a tformer run directory that `tformer.runs.open_run` reads and recipes fine-tune from.
 """
 
 from __future__ import annotations
