@@ -9,7 +9,12 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:  # the CLI imports lazily: `tformer --help` stays fast
+    from tformer.inference.generate import Sampling
+    from tformer.inference.pipeline import Pipeline
+
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (shown as one line); anything else is a bug (traceback)."""
@@ -69,23 +74,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
-def _image_sampling(args: argparse.Namespace, p: object) -> tuple[object, float]:
+def _image_sampling(args: argparse.Namespace, p: Pipeline) -> tuple[Sampling, float]:
     from tformer.inference import Sampling
 
-    sampling, guidance = p.image_defaults()  # type: ignore[attr-defined]
+    sampling, guidance = p.image_defaults()
     sampling = Sampling(sampling.temperature if args.temperature is None else args.temperature,
                         sampling.top_k if args.top_k is None else args.top_k, args.top_p)
     return sampling, guidance if args.guidance is None else args.guidance
 
 
-def generate_image_grid(args: argparse.Namespace, p: object) -> None:
+def generate_image_grid(args: argparse.Namespace, p: Pipeline) -> None:
     """`tformer generate` on an image generator: a PNG grid, one row per condition."""
     from tformer.inference.images import save_image_grid
 
     conditions = list(args.conditions or []) + ([args.prompt] if args.prompt is not None else [])
-    conditions = conditions or p.default_conditions()  # type: ignore[attr-defined]
+    conditions = conditions or p.default_conditions()
     sampling, guidance = _image_sampling(args, p)
-    images = p.draw(conditions, args.n, guidance=guidance, sampling=sampling, seed=args.seed)  # type: ignore[attr-defined]
+    images = p.draw(conditions, args.n, guidance=guidance, sampling=sampling, seed=args.seed)
     out = save_image_grid(images, [str(c) for c in conditions], args.out or Path(args.run_dir) / "generated.png")
     print(f"{len(images)} images ({args.n} per condition, guidance {guidance:g}) written to {out}")
 

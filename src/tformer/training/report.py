@@ -85,12 +85,12 @@ class Reporter:
             self.start_step, self.start_time = step, time.perf_counter()
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start_time
-        eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
+        eta = format_seconds(elapsed / done * (self.max_steps - step)) if done > 0 else "--:--"  # after 2 lines
         width = 24
         filled = int(width * step / max(1, self.max_steps))
         bar = "#" * filled + "." * (width - filled)
         line = (f"\r[{bar}] step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tokens_per_s:,.0f} tok/s  ETA {format_seconds(eta)} ")
+                f"{tokens_per_s:,.0f} tok/s  ETA {eta} ")
         self.stream.write(line)
         self.stream.flush()
 
