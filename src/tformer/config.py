@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -41,7 +42,14 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> None:
         raise ConfigError(f"{field}={value!r} is not valid{hint}; choose one of {choices}")
 
 
+def check_finite(field: str, value: Any) -> None:
+    """Refuse NaN and infinity: a NaN learning rate trains a NaN model without a word."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{field} must be a finite number, got {value}")
+
+
 def check_positive(field: str, value: int | float, *, allow_zero: bool = False) -> None:
+    check_finite(field, value)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field} must be {bound}, got {value}")
@@ -53,8 +61,10 @@ def check_fraction(field: str, value: float) -> None:
 
 
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """(fits, value) for a value read from YAML against a field annotation; a list becomes a
-    tuple for tuple fields and an int a float for float fields."""
+    """(fits, value) for a value read from YAML against a field annotation: a list becomes a
+    tuple for tuple fields, a lone item (`--set tokenizer.special_tokens=<eos>`) a one-item tuple
+    (never a string's characters), an int a float for float fields; NaN and infinity do not fit
+    a float field (they pass every `>` and `<` check and poison a run)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return True, value
@@ -71,21 +81,48 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is float:
-        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return fits, float(value) if fits else value
     if annotation is str:
         return isinstance(value, str), value
-    if origin is tuple and isinstance(value, (list, tuple)):
-        item = args[0] if args else Any
-        pairs = [_coerce(v, item) for v in value]
-        return all(fits for fits, _ in pairs), tuple(v for _, v in pairs)
+    if origin is tuple or annotation is tuple:
+        return _coerce_tuple(value, args)
     if origin is dict or annotation is dict:
         return isinstance(value, dict), value
     return True, value  # an annotation this checker does not know: leave it to the dataclass
 
 
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """A list or tuple item by item; a lone scalar as a one-item tuple when the tuple is
+    variadic (`tuple[str, ...]`). Fixed-length tuples (`tuple[int, int]`) need every item."""
+    variadic = not args or (len(args) == 2 and args[1] is Ellipsis)
+    if not isinstance(value, (list, tuple)):
+        if not variadic or isinstance(value, (dict, set)) or value is None:
+            return False, value
+        value = (value,)
+    items = [args[0] if args else Any] * len(value) if variadic else list(args)
+    if len(items) != len(value):
+        return False, value
+    pairs = [_coerce(v, item) for v, item in zip(value, items)]
+    return all(fits for fits, _ in pairs), tuple(v for _, v in pairs)
+
+
 def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    """A type as a user reads it: 'finite float', 'list of str (or one item)', 'int or null'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if annotation is float:
+        return "finite float"
+    if origin is tuple or annotation is tuple:
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            return f"list of {_type_name(args[0]) if args else 'values'} (or one item)"
+        return f"list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict or annotation is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -> T:
@@ -97,13 +134,23 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str | None = None) -
         key = unknown[0]
         raise ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, names)}; "
                           f"valid keys: {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where} needs {', '.join(repr(m) for m in missing)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
         fits, values[key] = _coerce(value, hints[key])
         if not fits:
-            raise ConfigError(f"{key}={value!r} in {where} must be of type {_type_name(hints[key])}")
+            raise ConfigError(f"{key}={_short(value)} in {where} must be of type {_type_name(hints[key])}")
     return cls(**values)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for a one-line message: newlines escaped, long values cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def to_dict(config: Any) -> dict[str, Any]:

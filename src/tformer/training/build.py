@@ -45,13 +45,24 @@ class ModelSpec:
 
     @classmethod
     def from_section(cls, section: Any, where: str = "recipe") -> ModelSpec:
+        """The spec of a model section; a preset, init_from or freeze of the wrong type is one
+        line naming the key (str() of a list would be looked up as a preset name)."""
         if not isinstance(section, dict) or "preset" not in section:
             raise ConfigError(f"the model section of {where} needs a preset, e.g. model: {{preset: gpt-mini}}")
+        preset, init_from = section["preset"], section.get(INIT_KEY)
+        if not isinstance(preset, str) or not preset.strip():
+            raise ConfigError(f"model.preset in {where} must be a preset or family name (a string, e.g. "
+                              f"gpt-mini), got {preset!r}")
+        if init_from is not None and not isinstance(init_from, str):
+            raise ConfigError(f"model.init_from in {where} must be a run directory or checkpoint path "
+                              f"(a string), got {init_from!r}")
         freeze = section.get(FREEZE_KEY) or ()
-        freeze = (freeze,) if isinstance(freeze, str) else tuple(str(p) for p in freeze)
-        init_from = section.get(INIT_KEY)
+        freeze = (freeze,) if isinstance(freeze, str) else freeze
+        if not isinstance(freeze, (list, tuple)) or not all(isinstance(p, str) and p for p in freeze):
+            raise ConfigError(f"model.freeze in {where} must be a parameter prefix or a list of them "
+                              f"(e.g. [tok_emb, blocks.0]), got {freeze!r}")
         overrides = {k: v for k, v in section.items() if k not in OWN_KEYS}
-        return cls(str(section["preset"]), str(init_from) if init_from else None, freeze, overrides)
+        return cls(preset, init_from or None, tuple(freeze), overrides)
 
     def check(self) -> None:
         """Validate the preset and overrides now (data-derived fields come later)."""

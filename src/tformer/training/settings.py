@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tformer.config import ConfigError, check_choice, check_positive
+from tformer.config import ConfigError, check_choice, check_finite, check_fraction, check_positive
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_WARMUP = 100  # steps of linear warm-up when a recipe names none (capped at max_steps)
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     min_lr: float | None = None  # None: lr / 10
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(100, max_steps); more than max_steps is refused
     schedule: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -37,18 +38,35 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            check_finite(f"training.{name}", getattr(self, name))
         for name in ("max_steps", "batch_size", "grad_accum", "lr", "eval_every", "eval_batches",
                      "log_every", "max_bad_steps"):
-            check_positive(name, getattr(self, name))
-        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+            check_positive(f"training.{name}", getattr(self, name))
+        for name in ("weight_decay", "grad_clip"):  # grad_clip 0 disables clipping
+            check_positive(f"training.{name}", getattr(self, name), allow_zero=True)
+        for name in ("beta1", "beta2"):
+            check_fraction(f"training.{name}", getattr(self, name))
         for name in ("checkpoint_every", "early_stop_patience", "min_lr"):
             if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name), allow_zero=name == "min_lr")
+                check_positive(f"training.{name}", getattr(self, name), allow_zero=name == "min_lr")
+        self._check_warmup()
         check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                               f"({self.grad_accum})")
+
+    def _check_warmup(self) -> None:
+        """A warm-up longer than the run never reaches `lr` and never decays: refuse it. The
+        default (None) is 100 steps, or the whole run when that is shorter."""
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", min(DEFAULT_WARMUP, self.max_steps))
+        check_positive("training.warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps > self.max_steps:  # type: ignore[operator]
+            raise ConfigError(f"training.warmup_steps ({self.warmup_steps}) is longer than the run "
+                              f"(training.max_steps={self.max_steps}): the learning rate would never "
+                              f"reach training.lr; set training.warmup_steps <= {self.max_steps}")
 
     @property
     def final_lr(self) -> float:
@@ -60,10 +78,12 @@ class TokenizerSpec:
     kind: str = "char"  # char | bpe | file
     vocab_size: int = 4096  # bpe only
     path: str | None = None  # kind=file: a tokenizer JSON (tformer or Hugging Face tokenizer.json)
-    special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe only
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",)  # bpe only; one item may be given alone
 
     def __post_init__(self) -> None:
         check_choice("tokenizer.kind", self.kind, ("char", "bpe", "file"))
+        if isinstance(self.special_tokens, str):  # a lone token, never its characters
+            object.__setattr__(self, "special_tokens", (self.special_tokens,))
         if self.kind == "file" and not self.path:
             raise ConfigError("tokenizer.kind=file needs tokenizer.path (a tokenizer JSON file)")
         object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
