@@ -20,9 +20,11 @@ from torch import nn
 
 from tformer.config import ConfigError, check_choice
 from tformer.models.protocols import can, capabilities
-from tformer.models.record import model_from_record
+from tformer.models.record import CONFIG_KEY, FAMILY_KEY, config_from_record
+from tformer.models.registry import build_model
 from tformer.runs import checkpoint
 from tformer.runs.checkpoint import CheckpointError
+from tformer.runs.memory import check_fits
 from tformer.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,16 +86,57 @@ def run_dir_of(folder: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "checkpoints" else folder
 
 
+def config_of(folder: Path, record: dict[str, Any]) -> Any:
+    """The model config a checkpoint's record describes; anything else is one CheckpointError line
+    (config.json is data from disk: a wrong type in it is a bad file, not a bug)."""
+    where = str(folder / checkpoint.CONFIG)
+    if not isinstance(record.get(FAMILY_KEY), str) or not isinstance(record.get(CONFIG_KEY), dict):
+        raise CheckpointError(f"{where} does not describe a model: it needs \"{FAMILY_KEY}\" (a name) and "
+                              f"\"{CONFIG_KEY}\" (an object); was it written by tformer?")
+    try:
+        return config_from_record(record, where=where)
+    except (ConfigError, TypeError, ValueError, ArithmeticError) as e:  # a value of the wrong type
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(reason if isinstance(e, ConfigError) else f"{where}: {reason}") from None
+
+
 def load_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a checkpoint folder holds (verified, weights loaded, eval mode) and its record."""
+    """The model a checkpoint folder holds (verified, weights loaded, eval mode) and its record. A
+    model too large for this machine's memory is refused before anything is allocated."""
     checkpoint.verify(folder)
     record = checkpoint.load_config(folder)
+    config = config_of(folder, record)
     try:
-        model = model_from_record(record, where=str(folder / checkpoint.CONFIG))
+        check_fits(config, what=f"the model in {folder}", advice="it cannot be opened on this machine")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    model = build_model(config)
     checkpoint.load(folder, model, with_train_state=False)
     return model.eval(), record
+
+
+def token_vocabularies(config: Any) -> dict[str, int]:
+    """The embedding tables a run's tokenizer ids index, by config field: a language model's
+    vocab_size, a translation model's source and target vocabularies, a text-conditioned image
+    model's condition_vocab. Families that read no tokens (ViT, label-conditioned images): none."""
+    sizes = {name: getattr(config, name) for name in ("vocab_size", "target_vocab_size")
+             if isinstance(getattr(config, name, None), int)}
+    if getattr(config, "condition", None) == "text" and isinstance(getattr(config, "condition_vocab", None), int):
+        sizes["condition_vocab"] = config.condition_vocab
+    return sizes
+
+
+def check_vocabulary(tokenizer: Tokenizer | None, config: Any, where: Path) -> None:
+    """A tokenizer whose ids reach past the model's embeddings would fail mid-generation (after
+    printing); refuse it when the run is opened."""
+    if tokenizer is None:
+        return
+    too_small = {name: size for name, size in token_vocabularies(config).items() if tokenizer.vocab_size > size}
+    if too_small:
+        fields = ", ".join(f"{name}={size}" for name, size in too_small.items())
+        raise CheckpointError(f"{where} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                              f"{fields}: ids past it would fail; it is not the tokenizer this model was "
+                              "trained with (copy that one into the run directory)")
 
 
 def tokenizer_of(run_dir: Path, record: dict[str, Any]) -> Tokenizer | None:
@@ -112,8 +155,10 @@ def open_run(path: str | Path, which: str = "best") -> Run:
     folder = find_checkpoint(path, which)
     model, record = load_model(folder)
     run_dir = run_dir_of(folder)
-    return Run(run_dir, folder, model, tokenizer_of(run_dir, record), record)
+    tokenizer = tokenizer_of(run_dir, record)
+    check_vocabulary(tokenizer, getattr(model, "config", None), run_dir / TOKENIZER_FILE)
+    return Run(run_dir, folder, model, tokenizer, record)
 
 
-__all__ = ["HAS_TOKENIZER", "TOKENIZER_FILE", "Run", "find_checkpoint", "load_model", "open_run", "run_dir_of",
-           "tokenizer_of"]
+__all__ = ["HAS_TOKENIZER", "TOKENIZER_FILE", "Run", "check_vocabulary", "config_of", "find_checkpoint",
+           "load_model", "open_run", "run_dir_of", "token_vocabularies", "tokenizer_of"]
