@@ -1,6 +1,7 @@
 """Text corpora: loading and its errors, the token cache (reuse, invalidation, repair), chunking."""
 
 import hashlib
+import json
 import os
 import re
 import zlib
@@ -116,7 +117,28 @@ def corrupt_meta(cache: Path) -> None:
     meta_path.write_text('{"format": 1, "dtype": "uint16", "n_tok')
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_bin, corrupt_meta])
+def zero_fill_bin(cache: Path) -> None:
+    """Same size, content lost (a disk or copy that wrote zeros): the sizes still agree."""
+    (bin_path,) = cache.glob("*.bin")
+    bin_path.write_bytes(bytes(bin_path.stat().st_size))
+
+
+def flip_one_token(cache: Path) -> None:
+    (bin_path,) = cache.glob("*.bin")
+    data = bytearray(bin_path.read_bytes())
+    data[len(data) // 2] ^= 1
+    bin_path.write_bytes(bytes(data))
+
+
+def drop_checksum(cache: Path) -> None:
+    """A cache whose metadata vouches for no content (as an older tformer wrote them)."""
+    (meta_path,) = cache.glob("*.json")
+    meta = json.loads(meta_path.read_text())
+    del meta["tokens_sha256"]
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_bin, corrupt_meta, zero_fill_bin, flip_one_token, drop_checksum])
 def test_broken_cache_is_detected_and_rebuilt(tmp_path, counting_tokenizer, corrupt, caplog):
     source = tmp_path / "t.txt"
     source.write_text(TEXT)
