@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tformer.config import check_choice
-from tformer.files import read_json
-from tformer.tokenizers.base import Tokenizer
+from tformer.tokenizers.base import Tokenizer, read_tokenizer_json
 from tformer.tokenizers.bpe import KIND as BPE_KIND
 from tformer.tokenizers.bpe import BPETokenizer, Source, split_source
 from tformer.tokenizers.chars import KIND as CHARS_KIND
@@ -33,10 +32,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer saved by tformer (character or BPE) or a Hugging Face tokenizer.json; a
     folder holding tokenizer.json works too. The file's content, not its name, decides the kind."""
     path = resolve_tokenizer_path(path)
-    data = read_json(path, "tokenizer file")
+    data = read_tokenizer_json(path, "tokenizer file")
     kind = data.get("kind")
     if kind == CHARS_KIND:
-        return CharTokenizer.load(path)
+        return CharTokenizer.from_dict(data, path)
     if kind == BPE_KIND:
         return BPETokenizer.from_dict(data, path)
     if is_hf_tokenizer_json(data):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
+from tformer.files import read_json
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -27,6 +29,25 @@ class Tokenizer(Protocol):
     def save(self, path: str | Path) -> None: ...
 
     def fingerprint(self) -> str: ...
+
+
+def read_tokenizer_json(path: str | Path, what: str = "tokenizer file") -> dict:
+    """A tokenizer file's JSON object; anything else (not JSON, binary, empty, a list, absurdly
+    nested) is a ValueError naming the file."""
+    try:
+        return read_json(path, what)
+    except RecursionError:
+        raise ValueError(f"{what} {path} is nested too deeply to be a tokenizer file") from None
+
+
+def check_special_tokens(tokens: Any, where: str) -> list[str]:
+    """`tokens` as a list of distinct non-empty strings; a single string is refused (it would
+    otherwise become one special token per character)."""
+    if isinstance(tokens, str) or not isinstance(tokens, (list, tuple)) or \
+            not all(isinstance(t, str) and t for t in tokens) or len(set(tokens)) != len(tokens):
+        raise ValueError(f"{where}: special_tokens must be a list of distinct non-empty strings, got "
+                         f"{json.dumps(tokens, default=repr)[:80]}")
+    return list(tokens)
 
 
 def json_fingerprint(data: Any) -> str:

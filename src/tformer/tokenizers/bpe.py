@@ -16,8 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from tformer.config import check_choice
-from tformer.files import read_json, write_json_atomic
-from tformer.tokenizers.base import json_fingerprint
+from tformer.files import write_json_atomic
+from tformer.tokenizers.base import check_special_tokens, json_fingerprint, read_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,23 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error message (HF tokenizers' messages can span several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_dense_ids(hf: HFTokenizer, path: str | Path) -> None:
+    """Token ids must be 0 .. vocab_size - 1: a model's embedding has vocab_size rows, so an id
+    past it (a vocabulary entry deleted or renumbered by hand) would fail inside the model."""
+    ids = set(hf.get_vocab(with_added_tokens=True).values())
+    size = hf.get_vocab_size(with_added_tokens=True)
+    if ids != set(range(size)):
+        outside = sorted(i for i in ids if not 0 <= i < size)[:3] or sorted(set(range(size)) - ids)[:3]
+        raise ValueError(f"{path}: token ids must run from 0 to {size - 1} without gaps or repeats, but "
+                         f"the vocabulary has {len(ids)} distinct ids ({outside} out of place); was it "
+                         "edited?")
 
 
 def find_eos_id(special_tokens: dict[str, int]) -> int | None:
@@ -186,9 +203,7 @@ class BPETokenizer:
               special_tokens: Sequence[str] = ("<|endoftext|>",), min_frequency: int = 2,
               show_progress: bool = False, engine: str = "auto") -> BPETokenizer:
         """Learn merges from files (a path or a list of paths) or from an iterator of texts."""
-        specials = list(special_tokens)
-        if any(not isinstance(t, str) or not t for t in specials) or len(set(specials)) != len(specials):
-            raise ValueError(f"special_tokens must be distinct non-empty strings, got {specials}")
+        specials = check_special_tokens(special_tokens, "a BPE tokenizer")
         if vocab_size < 256 + len(specials):
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs the 256 byte "
                              f"tokens plus {len(specials)} special token(s), at least {256 + len(specials)}")
@@ -276,23 +291,33 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path, engine: str = "auto") -> BPETokenizer:
-        return cls.from_dict(read_json(path, "BPE tokenizer file"), path, engine=engine)
+        return cls.from_dict(read_tokenizer_json(path, "BPE tokenizer file"), path, engine=engine)
 
     @classmethod
     def from_dict(cls, data: dict, path: str | Path = "<dict>", engine: str = "auto") -> BPETokenizer:
+        """A saved BPE tokenizer; a field of the wrong type is a ValueError naming `path`."""
         if data.get("kind") != KIND:
             raise ValueError(f"{path} is not a tformer BPE tokenizer (kind={data.get('kind')!r})")
-        if not isinstance(data.get("format", FORMAT), int) or data.get("format", FORMAT) > FORMAT:
-            raise ValueError(f"{path} has format {data['format']!r}; this tformer reads up to {FORMAT}")
-        inner = data.get("tokenizer")
-        model, pre = (inner or {}).get("model") or {}, (inner or {}).get("pre_tokenizer") or {}
-        if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
+        version = data.get("format", FORMAT)
+        if type(version) is not int or not 1 <= version <= FORMAT:
+            raise ValueError(f"{path} has format {version!r}; this tformer reads formats 1 to {FORMAT}")
+        inner, eos = data.get("tokenizer"), data.get("eos_token")
+        model = inner.get("model") if isinstance(inner, dict) else None
+        pre = inner.get("pre_tokenizer") if isinstance(inner, dict) else None
+        if not (isinstance(model, dict) and model.get("type") == "BPE" and isinstance(pre, dict)
+                and pre.get("type") == "ByteLevel"):
             raise ValueError(f"{path}: 'tokenizer' must hold a byte-level BPE tokenizer.json")
+        if eos is not None and not isinstance(eos, str):
+            raise ValueError(f"{path}: eos_token must be a string or null, got {json.dumps(eos)[:40]}")
         try:
             hf = HFTokenizer.from_str(json.dumps(inner))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed model
-            raise ValueError(f"{path}: the tokenizer inside could not be read ({e})") from e
-        return cls(hf, eos_token=data.get("eos_token"), engine=engine)
+            raise ValueError(f"{path}: the tokenizer inside could not be read ({one_line(e)})") from None
+        check_dense_ids(hf, path)
+        try:
+            return cls(hf, eos_token=eos, engine=engine)
+        except ValueError as e:
+            raise ValueError(f"{path}: {one_line(e)}") from None
 
     def fingerprint(self) -> str:
         """Hash of what maps text to ids: vocab, merges, special tokens, eos, pre-tokenizer."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tformer.files import read_json, write_json_atomic
-from tformer.tokenizers.base import json_fingerprint
+from tformer.files import write_json_atomic
+from tformer.tokenizers.base import check_special_tokens, json_fingerprint, read_tokenizer_json
 
 KIND = "tformer.chars"
 
@@ -18,10 +18,10 @@ class CharTokenizer:
     splits_safely_at_line_breaks = True  # encoding pieces of a text gives the ids of the whole
 
     def __init__(self, chars: Sequence[str], special_tokens: Sequence[str] = ()) -> None:
-        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
-            raise ValueError("chars must be distinct single characters")
-        if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
-            raise ValueError(f"special_tokens must be distinct non-empty strings, got {list(special_tokens)}")
+        if isinstance(chars, str) or not all(isinstance(c, str) and len(c) == 1 for c in chars) \
+                or len(set(chars)) != len(chars):
+            raise ValueError("chars must be a list of distinct single characters")
+        special_tokens = check_special_tokens(special_tokens, "a character tokenizer")
         self.chars = list(chars)
         self._ids = {c: i for i, c in enumerate(self.chars)}
         self._special = {tok: len(self.chars) + i for i, tok in enumerate(special_tokens)}
@@ -70,12 +70,21 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
-        data = read_json(path, "character tokenizer file")
+        return cls.from_dict(read_tokenizer_json(path, "character tokenizer file"), path)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path = "<dict>") -> CharTokenizer:
+        """A saved character tokenizer; a field of the wrong type is a ValueError naming `path`."""
         if data.get("kind") != KIND:
             raise ValueError(f"{path} is not a tformer character tokenizer (kind={data.get('kind')!r})")
-        if not isinstance(data.get("chars"), list):
-            raise ValueError(f"{path} has no \"chars\" list; was it edited?")
-        return cls(data["chars"], data.get("special_tokens", []))
+        chars = data.get("chars")
+        if not isinstance(chars, list) or not chars:
+            raise ValueError(f"{path} has no \"chars\" list of characters; was it edited?")
+        try:
+            return cls(chars, check_special_tokens(data.get("special_tokens", []), str(path)))
+        except ValueError as e:
+            message = str(e)
+            raise ValueError(message if str(path) in message else f"{path}: {message}") from None
 
     def fingerprint(self) -> str:
         return json_fingerprint(self.to_dict())

@@ -10,9 +10,9 @@ from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from tformer.files import read_json, write_json_atomic
-from tformer.tokenizers.base import json_fingerprint
-from tformer.tokenizers.bpe import find_eos_id
+from tformer.files import write_json_atomic
+from tformer.tokenizers.base import json_fingerprint, read_tokenizer_json
+from tformer.tokenizers.bpe import check_dense_ids, find_eos_id, one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class HFJsonTokenizer:
         try:
             self._hf = HFTokenizer.from_str(json.dumps(data))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise ValueError(f"{path}: Hugging Face tokenizers could not read it ({e})") from e
+            raise ValueError(f"{path}: Hugging Face tokenizers could not read it ({one_line(e)})") from None
+        check_dense_ids(self._hf, path)
         dropped = [k for k in RUNTIME_KEYS if data.get(k)]
         if dropped:
             log.info("%s: ignoring its %s; sequences keep their full length", path, " and ".join(dropped))
@@ -113,4 +114,5 @@ def load_hf_tokenizer(path: str | Path, add_special_tokens: bool = False) -> HFJ
     """Load a Hugging Face tokenizer.json (or a folder holding one). Encoding adds no special tokens
     unless `add_special_tokens` (then BERT-style models wrap each text in [CLS] ... [SEP])."""
     path = resolve_tokenizer_path(path)
-    return HFJsonTokenizer(read_json(path, "tokenizer.json"), path, add_special_tokens=add_special_tokens)
+    data = read_tokenizer_json(path, "tokenizer.json")
+    return HFJsonTokenizer(data, path, add_special_tokens=add_special_tokens)
