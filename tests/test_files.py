@@ -4,6 +4,8 @@ success the content is complete; a folder swap keeps the old folder when the new
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tformer.files import (
     atomic_path,
     read_json,
     recover_directory,
+    remove_stale_temporaries,
     temporary_sibling,
     write_bytes_atomic,
     write_json_atomic,
@@ -23,6 +26,13 @@ from tformer.files import (
 
 def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a killed writer's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def test_temporary_names_are_hidden_unique_per_call_and_name_the_process(tmp_path):
@@ -141,10 +151,43 @@ def test_recovery_after_a_crash_between_the_renames(tmp_path):
 
     with atomic_directory(tmp_path / "last") as tmp:
         fill(tmp, "one")
-    (tmp_path / "last").rename(tmp_path / ".old-last-123-deadbeef")  # killed between the renames
-    (tmp_path / ".tmp-last-123-cafebabe").mkdir()  # the new folder, never finished
+    pid = dead_pid()
+    (tmp_path / "last").rename(tmp_path / f".old-last-{pid}-deadbeef")  # killed between the renames
+    (tmp_path / f".tmp-last-{pid}-cafebabe").mkdir()  # the new folder, never finished
     assert recover_directory(tmp_path / "last", complete)
     assert listing(tmp_path) == ["last"]
     assert (tmp_path / "last" / "weights").read_text() == "one"
     assert recover_directory(tmp_path / "last", complete)  # nothing to do
     assert not recover_directory(tmp_path / "never", complete)
+
+
+def test_recovery_leaves_a_live_writers_folders_and_tidies_a_finished_swap(tmp_path):
+    def complete(folder: Path) -> bool:
+        return (folder / "weights").is_file()
+
+    with atomic_directory(tmp_path / "last") as tmp:
+        fill(tmp, "one")
+    live, dead = os.getppid(), dead_pid()
+    for name in (f".tmp-last-{live}-00000000", f".old-last-{live}-00000001"):  # a writer mid-swap
+        (tmp_path / name).mkdir()
+    (tmp_path / f".old-last-{dead}-00000002").mkdir()  # swapped in, killed before removing the old
+    fill(tmp_path / f".old-last-{dead}-00000002", "zero")
+    assert recover_directory(tmp_path / "last", complete)
+    assert listing(tmp_path) == [f".old-last-{live}-00000001", f".tmp-last-{live}-00000000", "last"]
+
+
+def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path):
+    dead = dead_pid()
+    stale = [temporary_sibling(tmp_path / "loss.png").name.replace(f".{os.getpid()}-", f".{dead}-"),
+             f".abc.bin.{dead}-0123abcd.tmp.bin", f".metrics.{dead}-0123abcd.tmp"]
+    kept = [temporary_sibling(tmp_path / "loss.png").name,  # this process's: maybe being written
+            f".abc.bin.{os.getppid()}-0123abcd.tmp.bin",  # a live process's
+            f".abc.bin.{dead}-0123abcd.tmp.txt",  # suffix not the target's: not a name tformer makes
+            f"abc.bin.{dead}-0123abcd.tmp.bin", ".hidden.tmp", "notes.txt", f".x.{dead}-XYZ.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".dir.{dead}-0123abcd.tmp").mkdir()  # a folder: never removed by this
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert listing(tmp_path) == sorted(kept + [f".dir.{dead}-0123abcd.tmp"])
+    assert remove_stale_temporaries(tmp_path / "absent") == []

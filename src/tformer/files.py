@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,6 +49,47 @@ def fsync_dir(path: str | Path) -> None:
 
 def _unique() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# the names `temporary_sibling` and `atomic_directory` make: the process id is the `pid` group
+TEMPORARY_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp(?P<suffix>\.[^.]+)?$")
+TEMPORARY_FOLDER = re.compile(r"^\.(?:tmp|old)-(?P<name>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (this process counts). Unsure (no permission to ask) is alive,
+    so a live writer's temporary file is never taken for debris."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def _owner_is_dead(match: re.Match[str] | None) -> bool:
+    return match is not None and not process_alive(int(match["pid"]))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (`temporary_sibling` names) a killed process left in `folder`,
+    and nothing else: a file is removed only when its name has tformer's temporary form and the
+    process named in it is gone. Not recursive. The files removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = TEMPORARY_FILE.match(entry.name)
+        if match and (match["suffix"] or "") == Path(match["name"]).suffix and entry.is_file() \
+                and not entry.is_symlink() and _owner_is_dead(match):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temporary file(s) a stopped process left in %s", len(removed), folder)
+    return removed
 
 
 def temporary_sibling(path: str | Path) -> Path:
@@ -136,15 +178,22 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 def recover_directory(path: str | Path, is_complete: Callable[[Path], bool]) -> bool:
     """After a crash inside `atomic_directory(path)`: remove unfinished temporary folders and, when
-    `path` is not complete, rename the newest complete previous folder back to `path`. Whether a
-    complete folder is now at `path`."""
+    `path` is not complete, rename the newest complete previous folder back to `path` (when it
+    is, remove previous folders left over). Folders of a process still alive are left alone (a
+    reader must not break a writer's swap). Whether a complete folder is now at `path`."""
     path = Path(path)
-    for debris in path.parent.glob(f".tmp-{path.name}-*"):  # a write that never finished
-        shutil.rmtree(debris, ignore_errors=True)
+    debris = [p for p in path.parent.glob(f".tmp-{path.name}-*")  # writes that never finished
+              if _owner_is_dead(TEMPORARY_FOLDER.match(p.name))]  # not a live writer's
+    for folder in debris:
+        shutil.rmtree(folder, ignore_errors=True)
     if is_complete(path):
+        for folder in path.parent.glob(f".old-{path.name}-*"):  # a swap done but not tidied
+            if _owner_is_dead(TEMPORARY_FOLDER.match(folder.name)):
+                shutil.rmtree(folder, ignore_errors=True)
         return True
     survivors = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime)
-    survivors = [p for p in survivors if is_complete(p)]
+    survivors = [p for p in survivors
+                 if _owner_is_dead(TEMPORARY_FOLDER.match(p.name)) and is_complete(p)]
     if not survivors:
         return False
     log.warning("%s was being replaced when the run stopped; using the previous one (%s)",
