@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,12 +15,45 @@ from tformer.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+SAMPLE_HEADER = re.compile(r"--- step (\d+) ---")
+
 
 def format_seconds(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every readable metrics row; a line that is not a JSON object with a step
+    (a crash cut it mid-write) is skipped with a warning naming the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            log.warning("%s line %d is not a metrics row (cut by a crash mid-write?): %.60r; dropped",
+                        path, number, line)
+            continue
+        rows.append((line, row))
+    return rows
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Keep the `--- step N ---` blocks of samples.txt with N <= step."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        header = SAMPLE_HEADER.fullmatch(line.rstrip("\n"))
+        if header and int(header[1]) > step:
+            write_text_atomic(path, "".join(lines[:index]))
+            return
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -30,8 +64,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train, val = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for _, row in read_metrics(metrics_path):
         if "train_loss" in row:
             train.append((row["step"], row["train_loss"]))
         if "val_loss" in row:
@@ -65,11 +98,14 @@ class Reporter:
         self.start_step: int | None = None
 
     def truncate_after(self, step: int) -> None:
-        """Forget metrics logged after `step` (resume: they will be redone; 0: a new run)."""
-        if not self.enabled or not self.metrics_path.is_file():
+        """Forget metrics and samples logged after `step` (resume: they will be redone; 0: a new
+        run) and lines a crash cut (named in a warning)."""
+        if not self.enabled:
             return
-        kept = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        truncate_samples(self.run_dir / "samples.txt", step)
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line, row in read_metrics(self.metrics_path) if row["step"] <= step]
         write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def log(self, row: dict[str, Any]) -> None:
@@ -89,13 +125,22 @@ class Reporter:
         width = 24
         filled = int(width * step / max(1, self.max_steps))
         bar = "#" * filled + "." * (width - filled)
-        line = (f"\r[{bar}] step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tokens_per_s:,.0f} tok/s  ETA {eta} ")
-        self.stream.write(line)
+        line = (f"[{bar}] step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{tokens_per_s:,.0f} tok/s  ETA {eta}")
+        # a terminal redraws one line; a log file or pipe gets one plain line per report
+        self.stream.write(f"\r{line} " if self._terminal else f"{line}\n")
         self.stream.flush()
 
+    @property
+    def _terminal(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        try:
+            return bool(isatty and isatty())
+        except ValueError:  # a closed stream
+            return False
+
     def end_line(self) -> None:
-        if self.enabled:
+        if self.enabled and self._terminal:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -1,5 +1,6 @@
-"""The part of a run that is not weights: optimizer, grad scaler and every process's RNG
-streams, gathered into one dict that `torch.load(weights_only=True)` can read back."""
+"""The part of a run that is not weights: optimizer, grad scaler, every process's RNG streams and
+every process's task state (e.g. Transformer-XL memory), gathered into one dict that
+`torch.load(weights_only=True)` can read back."""
 
 from __future__ import annotations
 
@@ -31,9 +32,49 @@ def gather_rng_states(world: World) -> list[dict[str, Any]]:
     return states
 
 
+def gather_task_states(task: Any, world: World) -> list[dict[str, Any]] | None:
+    """Every rank's task state in rank order, for a task with `state_dict()` (else None). A
+    collective: call it on every rank."""
+    if not callable(getattr(task, "state_dict", None)):
+        return None
+    mine = task.state_dict()
+    if not world.distributed:
+        return [mine]
+    states: list[Any] = [None] * world.size
+    dist.all_gather_object(states, {k: _to_cpu(v) for k, v in mine.items()})
+    return states
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
 def train_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
+                rng_states: list[dict[str, Any]],
+                task_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
+    if task_states is not None:
+        state["task"] = task_states
+    return state
+
+
+def restore_task(state: dict[str, Any], task: Any, world: World) -> None:
+    """Give the task this rank's saved state; without one (or from another process count) the
+    task starts without it and says so itself where that matters."""
+    streams = state.get("task")
+    if streams is None or not callable(getattr(task, "load_state_dict", None)):
+        return
+    if len(streams) != world.size:
+        log.warning("the checkpoint's task state was written by %d process(es), this run has %d: "
+                    "the task starts without it", len(streams), world.size)
+        return
+    task.load_state_dict(streams[world.rank])
 
 
 def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -22,7 +22,7 @@ from torch import nn
 
 from tformer.config import ConfigError
 from tformer.runs import checkpoint
-from tformer.training import distributed
+from tformer.training import distributed, rundir
 from tformer.training import state as run_state
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.report import Reporter
@@ -61,7 +61,7 @@ class Trainer:
         if config.batch_size % (config.grad_accum * self.world.size):
             raise ConfigError(f"batch_size ({config.batch_size}) must be divisible by grad_accum x "
                               f"processes ({config.grad_accum} x {self.world.size})")
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).expanduser()
         self.run_config = run_config or {}
         self.model = model.to(self.world.device)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
@@ -95,8 +95,9 @@ class Trainer:
     def save(self, path: Path, with_train_state: bool = True) -> None:
         """Write a checkpoint (rank 0 writes; every rank contributes its RNG stream)."""
         rng = run_state.gather_rng_states(self.world) if with_train_state else []
+        tasks = run_state.gather_task_states(self.task, self.world) if with_train_state else None
         if self.world.is_main:
-            state = run_state.train_state(self.optimizer, self.scaler, rng) if with_train_state else None
+            state = run_state.train_state(self.optimizer, self.scaler, rng, tasks) if with_train_state else None
             run_config = {**self.run_config, "training": asdict(self.config)}
             checkpoint.save(path, self.model, progress=self._progress(), config=run_config,
                             train_state=state)
@@ -112,6 +113,7 @@ class Trainer:
         ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
         if ckpt.train_state is not None:
             run_state.restore(ckpt.train_state, self.optimizer, self.scaler, self.world)
+            run_state.restore_task(ckpt.train_state, self.task, self.world)
         p = ckpt.progress
         self.step, self.best_val_loss = p["step"], p["best_val_loss"]
         self.last_val_loss, self.evals_without_gain = p["last_val_loss"], p["evals_without_gain"]
@@ -194,10 +196,16 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to max_steps (or an early stop), resuming checkpoints/last when `resume`.
-        Ctrl-C stops at the end of the current step and saves; a second Ctrl-C stops at once."""
+        Ctrl-C stops at the end of the current step and saves; a second Ctrl-C stops at once.
+        Only a new, empty or tformer run directory is used, by one process at a time (`rundir`)."""
+        with rundir.claim(self.run_dir, main=self.world.is_main):
+            result = self._fit(resume)
+            if self.world.is_main and not result.interrupted:
+                rundir.write_marker(self.run_dir, finished=True)
+            return result
+
+    def _fit(self, resume: bool) -> TrainResult:
         torch.manual_seed(self.config.seed + self.world.rank)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if not (resume and self.resume()):
             self.reporter.truncate_after(0)  # a new run: no rows of an earlier attempt
         if self.stopped_early:

@@ -3,6 +3,7 @@ tokenized corpus."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from tformer.config import check_fraction
 from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
+from tformer.files import remove_stale_temporaries
 from tformer.inference.generate import TEXT_SAMPLING, generate
 from tformer.models.protocols import CausalLM
 from tformer.tokenizers.base import Tokenizer
@@ -84,16 +86,31 @@ class CausalLMTask:
 
 
 def token_cache_dir(cache_dir: str | None) -> Path:
+    """The token cache folder; temporary files a killed build left there are removed first (only
+    tformer's temporary names, only those of processes that are gone)."""
     if cache_dir:
-        return Path(cache_dir)
-    root = os.environ.get("TFORMER_CACHE_DIR") or Path.home() / ".cache" / "tformer"
-    return Path(root) / "tokens"
+        folder = Path(cache_dir).expanduser()
+    else:
+        root = os.environ.get("TFORMER_CACHE_DIR") or Path.home() / ".cache" / "tformer"
+        folder = Path(root) / "tokens"
+    remove_stale_temporaries(folder)
+    return folder
 
 
-def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int) -> CausalLMTask:
+def text_fingerprint(texts: list[str]) -> dict[str, str]:
+    """The run-record note that ties a run to its training text: a resume on other text is
+    refused (training.recipe checks `data_sha256`)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest() if len(texts) > 1 else text.encode("utf-8"))
+    return {"data_sha256": digest.hexdigest()}
+
+
+def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int, text: str | None = None) -> CausalLMTask:
     data: DataSpec = settings.data
-    corpus = TokenizedCorpus.build(data.source, tokenizer, token_cache_dir(data.cache_dir),
-                                   val_fraction=data.val_fraction)
+    text = load_text(data.source) if text is None else text
+    corpus = TokenizedCorpus.from_text(text, tokenizer, token_cache_dir(data.cache_dir),
+                                       val_fraction=data.val_fraction, name=str(data.source))
     t = settings.training
     return CausalLMTask(corpus.train, corpus.val, context=context, batch_size=t.batch_size,
                         seed=t.seed, n_eval_batches=t.eval_batches, tokenizer=tokenizer,
@@ -110,16 +127,23 @@ def check_prompt(tokenizer: Tokenizer, prompt: str) -> None:
 def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     """Tokenizer (trained on the corpus once); the model takes its vocabulary size."""
     data: DataSpec = settings.data
-    tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+    text = load_text(data.source)  # read once: the tokenizer, the fingerprint and the corpus
+    tokenizer = tokenizer_for(lambda: [text])
     check_prompt(tokenizer, settings.sample.prompt)
     return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size},
-                    lambda model: _task(settings, tokenizer, model.config.context_length))
+                    lambda model: _task(settings, tokenizer, model.config.context_length, text),
+                    notes=text_fingerprint([text]))
 
 
 def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
-    """Validation loss and perplexity on the run's own validation split."""
+    """Validation loss and perplexity on the evaluation batches of the run's own validation split
+    (val_tokens: the tokens scored, not the split's size)."""
     task = _task(settings, tokenizer, model.config.context_length)  # type: ignore[union-attr]
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        losses = [float(task.loss(model, batch)) for batch in task.eval_batches(0, 1)]
-    val_loss = sum(losses) / len(losses)
-    return {"val_loss": val_loss, "perplexity": math.exp(val_loss), "val_tokens": int(len(task.val_tokens))}
+        for batch in task.eval_batches(0, 1):
+            n = int((batch["targets"] != -100).sum())
+            total, tokens = total + float(task.loss(model, batch)) * n, tokens + n
+    val_loss = total / tokens
+    return {"val_loss": val_loss, "perplexity": math.exp(val_loss), "val_tokens": tokens,
+            "val_split_tokens": len(task.val_tokens)}

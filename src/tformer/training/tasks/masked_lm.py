@@ -24,7 +24,7 @@ from tformer.data.labelled import FORMATS, SpecialIds, load_labelled, special_id
 from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
 from tformer.training.settings import TaskSettings
 from tformer.training.tasks.base import Batch, TaskData, shard_rows
-from tformer.training.tasks.causal_lm import token_cache_dir
+from tformer.training.tasks.causal_lm import text_fingerprint, token_cache_dir
 from tformer.training.tasks.classification import input_length
 
 log = logging.getLogger(__name__)
@@ -189,24 +189,26 @@ class MaskedLMTask:
         return ["predicted/true at masked tokens: " + "  ".join(pairs[:30])]
 
 
-def _corpus(data: DataSpec, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+def _corpus(data: DataSpec, tokenizer: Any, texts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation tokens: each source split on its own, then concatenated."""
     trains, vals = [], []
-    for source in data.sources:
-        corpus = TokenizedCorpus.from_text(source_text(source, data.text_column), tokenizer,
-                                           token_cache_dir(data.cache_dir), data.val_fraction, name=source)
+    texts = [source_text(s, data.text_column) for s in data.sources] if texts is None else texts
+    for source, text in zip(data.sources, texts):
+        corpus = TokenizedCorpus.from_text(text, tokenizer, token_cache_dir(data.cache_dir),
+                                           data.val_fraction, name=source)
         trains.append(np.asarray(corpus.train))
         vals.append(np.asarray(corpus.val))
     return np.concatenate(trains), np.concatenate(vals)
 
 
-def _task(settings: TaskSettings, tokenizer: Any, max_length: int) -> MaskedLMTask:
+def _task(settings: TaskSettings, tokenizer: Any, max_length: int,
+          texts: list[str] | None = None) -> MaskedLMTask:
     data: DataSpec = settings.data
     specials = special_ids(tokenizer, need_mask=True)
     boundaries = word_boundaries(tokenizer) if data.whole_word else None
     masker = Masker(tokenizer.vocab_size, specials, tokenizer.special_tokens.values(),
                     mask_prob=data.mask_prob, boundaries=boundaries)
-    train, val = _corpus(data, tokenizer)
+    train, val = _corpus(data, tokenizer, texts)
     t = settings.training
     return MaskedLMTask(train, val, masker, max_length=max_length, batch_size=t.batch_size, seed=t.seed,
                         n_eval_batches=t.eval_batches, tokenizer=tokenizer)
@@ -220,12 +222,14 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     """Tokenizer (trained on the sources once, or the init_from run's); the model takes a
     masked-LM head over its vocabulary."""
     data: DataSpec = settings.data
-    tokenizer = tokenizer_for(lambda: [source_text(s, data.text_column) for s in data.sources])
+    texts = [source_text(s, data.text_column) for s in data.sources]  # read once
+    tokenizer = tokenizer_for(lambda: texts)
     special_ids(tokenizer, need_mask=True)  # before building anything
     if data.whole_word:
         word_boundaries(tokenizer)
     return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size, "head": "mlm", "labels": ()},
-                    lambda model: _task(settings, tokenizer, _max_length(settings, model)))
+                    lambda model: _task(settings, tokenizer, _max_length(settings, model), texts),
+                    notes=text_fingerprint(texts))
 
 
 def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:

@@ -5,11 +5,13 @@ The corpus is cut into `batch_size` contiguous streams (the paper's LM iterator)
 on segment s mod n_segments of every stream, so memory from step s - 1 is the text right before.
 Memory lives in the Task, per shard of the global batch, and starts empty when streams wrap.
 
-Exact resume without memory in the checkpoint: every `refresh_every` steps (the checkpoint
-interval) the carried memory is dropped and re-warmed: recomputed without gradient from the
-previous `mem_len` tokens with the current weights. A run resumed from such a checkpoint
-re-warms at the same step from the same weights, RNG and tokens, so it continues bit for bit.
-A resume from another step (Ctrl-C) re-warms there, which an unbroken run does not; it logs that.
+Exact resume: the carried training memory is part of the checkpoint (`state_dict` /
+`load_state_dict`, tensors only, read back with weights_only=True), so a run resumed from any
+step, a Ctrl-C included, carries the memory an unbroken run carried. Every `refresh_every` steps
+(the checkpoint interval) the memory is also dropped and re-warmed: recomputed without gradient
+from the previous `mem_len` tokens with the current weights. A checkpoint without task state (an
+older run, another process count) re-warms where it resumes, which an unbroken run does not; it
+logs that.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tformer.tokenizers.base import Tokenizer
 from tformer.training.distributed import unwrap
 from tformer.training.settings import TaskSettings
 from tformer.training.tasks.base import Batch, TaskData
-from tformer.training.tasks.causal_lm import causal_lm_loss, check_prompt, token_cache_dir
+from tformer.training.tasks.causal_lm import causal_lm_loss, check_prompt, text_fingerprint, token_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +167,8 @@ class SegmentLMTask:
         if held is not None and held[0] == step - 1 and not refresh:
             return held[1]
         if not refresh and split == TRAIN:
-            log.warning("step %d: no memory carried from step %d (a resume off a checkpoint "
-                        "boundary, or a non-finite step); re-warming it, so this run may differ "
+            log.warning("step %d: no memory carried from step %d (a checkpoint without the task's "
+                        "state, or a non-finite step); re-warming it, so this run may differ "
                         "slightly from an unbroken one", step, step - 1)
         streams = self.train if split == TRAIN else self.val
         return self._rewarm(model, streams, shard_rows(streams.rows.shape[0], shard, n_shards),
@@ -182,6 +184,25 @@ class SegmentLMTask:
             batch = {k: v.to(device) for k, v in streams.segment(g, rows).items()}
             memory = model(batch["ids"], memory, resets=batch.get("resets")).memory
         return memory
+
+    def state_dict(self) -> dict[str, Any]:
+        """The carried training memories, for the checkpoint: tensors, ints and lists only."""
+        state: dict[str, Any] = {}
+        for (split, shard, n_shards), (step, memory) in self._memories.items():
+            if split != TRAIN:
+                continue  # evaluation starts from empty memory every time
+            docs = [] if memory.docs is None else [memory.docs.detach()]
+            state[f"{shard}/{n_shards}"] = {"step": step, "capacity": memory.capacity, "docs": docs,
+                                            "states": [s.detach() for s in memory.states]}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Carry on with the memories a checkpoint holds (see `state_dict`)."""
+        for key, held in state.items():
+            shard, n_shards = (int(part) for part in key.split("/"))
+            docs = held["docs"][0] if held["docs"] else None
+            memory = Memory(list(held["states"]), int(held["capacity"]), docs)
+            self._memories[(TRAIN, shard, n_shards)] = (int(held["step"]), memory)
 
     def samples(self, model: nn.Module) -> list[str]:
         if self.tokenizer is None:
@@ -204,10 +225,11 @@ def _separator_id(data: DataSpec, tokenizer: Tokenizer) -> int | None:
 
 
 def _task(settings: TaskSettings, tokenizer: Tokenizer, config: TransformerXLConfig,
-          n_eval_batches: int | None) -> SegmentLMTask:
+          n_eval_batches: int | None, text: str | None = None) -> SegmentLMTask:
     data: DataSpec = settings.data
-    corpus = TokenizedCorpus.build(data.source, tokenizer, token_cache_dir(data.cache_dir),
-                                   val_fraction=data.val_fraction)
+    text = load_text(data.source) if text is None else text
+    corpus = TokenizedCorpus.from_text(text, tokenizer, token_cache_dir(data.cache_dir),
+                                       val_fraction=data.val_fraction, name=str(data.source))
     t, separator = settings.training, _separator_id(data, tokenizer)
     train = TokenStreams(corpus.train, t.batch_size, config.seg_len, separator=separator,
                          name="training")
@@ -222,11 +244,13 @@ def _task(settings: TaskSettings, tokenizer: Tokenizer, config: TransformerXLCon
 def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     """Tokenizer (trained on the corpus once); the Transformer-XL takes its vocabulary size."""
     data: DataSpec = settings.data
-    tokenizer = tokenizer_for(lambda: [load_text(data.source)])
+    text = load_text(data.source)  # read once: the tokenizer, the fingerprint and the corpus
+    tokenizer = tokenizer_for(lambda: [text])
     check_prompt(tokenizer, settings.sample.prompt)
     _separator_id(data, tokenizer)  # a bad separator fails before the model is built
     return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size},
-                    lambda model: _task(settings, tokenizer, model.config, settings.training.eval_batches))
+                    lambda model: _task(settings, tokenizer, model.config, settings.training.eval_batches, text),
+                    notes=text_fingerprint([text]))
 
 
 def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
