@@ -188,6 +188,9 @@ def test_restores_training_mode(model):
     (dict(length_penalty=math.nan), "length_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=64), "context length"),
+    (dict(beam_width=100_000), r"beam_width=100000 is more than 256 \(every beam keeps a KV cache"),
+    (dict(beam_width=2.0), "beam_width must be a whole number"),
+    (dict(length_penalty="1"), "length_penalty must be a finite number"),
 ])
 def test_bad_input(model, kwargs, message):
     args = dict(beam_width=2, max_new_tokens=3) | kwargs
@@ -202,3 +205,9 @@ def test_bad_prompt(model):
         beam_search(model, torch.tensor([[1, 2, 0]]), 2, 3, attention_mask=torch.tensor([[1, 1, 0]]))
     with pytest.raises(ValueError):
         beam_search(model, torch.tensor([[1, V]]), 2, 3)  # token outside the vocabulary
+
+
+def test_prompts_times_beams_are_bounded(model):
+    from tformer.inference.generate import MAX_ROWS
+    with pytest.raises(ValueError, match=r"prompts x beam_width=.* is more than"):
+        beam_search(model, torch.ones(MAX_ROWS // 4 + 1, 2, dtype=torch.long), 4, 2)

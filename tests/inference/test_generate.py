@@ -1,10 +1,12 @@
 """Incremental decoding: cached generation against a no-cache reference, sampling controls."""
 
+import math
+
 import pytest
 import torch
 
 from tformer.inference import Sampling, generate, pad_prompts, stream
-from tformer.inference.generate import apply_repetition_penalty, filter_logits
+from tformer.inference.generate import MAX_NEW_TOKENS, MAX_ROWS, apply_repetition_penalty, filter_logits
 from tformer.models.gpt import GPT, GPTConfig
 
 VOCAB = 37
@@ -109,6 +111,32 @@ def test_bad_prompts_and_settings_are_explained(model):
         Sampling(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[1]], 0)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "1", None])
+def test_nan_infinite_or_non_numeric_sampling_values_are_one_line(field, value):
+    if field == "top_p" and value is None:
+        return  # None is top_p's default: no nucleus filtering
+    with pytest.raises(ValueError, match=f"{field} must be a finite number, got") as caught:
+        Sampling(**{field: value})
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("top_k", [2.5, True, "3", 0])
+def test_top_k_must_be_a_whole_number(top_k):
+    with pytest.raises(ValueError, match="top_k must be"):
+        Sampling(top_k=top_k)
+
+
+def test_generation_sizes_are_bounded_before_any_work(model):
+    with pytest.raises(ValueError, match=f"max_new_tokens={MAX_NEW_TOKENS + 1} is more than 100,000 "
+                                         r"\(each token is a forward pass"):
+        generate(model, [[1, 2]], MAX_NEW_TOKENS + 1, sliding=True)  # sliding: no context bound
+    with pytest.raises(ValueError, match="max_new_tokens must be a whole number, got 2.5"):
+        generate(model, [[1, 2]], 2.5)
+    with pytest.raises(ValueError, match=f"the number of prompts={MAX_ROWS + 1} is more than"):
+        generate(model, torch.ones(MAX_ROWS + 1, 2, dtype=torch.long), 1)
 
 
 def test_sliding_generation_past_the_context_recomputes_the_last_half(model):

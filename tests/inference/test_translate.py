@@ -92,7 +92,33 @@ def test_translate_text_and_bad_input(caplog):
         translate_ids(model, [])
     with pytest.raises(ValueError, match="beam_width must be >= 1"):
         translate_ids(model, [[5]], beam_width=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        translate_ids(model, [[5]], max_new_tokens=0)  # was silently the default length
     with pytest.raises(ValueError, match="do not combine"):
         translate_ids(model, [[5]], beam_width=2, sampling=Sampling())
     with pytest.raises(ValueError, match="exceeds the model's context length"):
         translate_ids(model, [[5]], max_new_tokens=6)
+
+
+def test_a_huge_beam_or_batch_is_refused_at_once_not_a_hang():
+    """`tformer translate --beam 100000` hung allocating a KV cache per beam."""
+    import time
+
+    model, start = tiny(), time.perf_counter()
+    with pytest.raises(ValueError, match=r"beam_width=100000 is more than 256 \(every beam keeps a KV cache"):
+        translate_ids(model, [[5, 6]], beam_width=100_000)
+    with pytest.raises(ValueError, match="max_tokens=10000000 is more than 1,000,000"):
+        translate_ids(model, [[5, 6]], max_tokens=10_000_000)
+    with pytest.raises(ValueError, match="max_new_tokens=1000000 is more than 100,000"):
+        translate_ids(model, [[5, 6]], max_new_tokens=1_000_000)
+    assert time.perf_counter() - start < 5
+
+
+def test_many_sentences_with_beams_are_decoded_in_row_bounded_batches(monkeypatch):
+    from tformer.inference import translate as module
+
+    monkeypatch.setattr(module, "MAX_ROWS", 8)
+    model = tiny()
+    sources = [[5 + i % 7, 6] for i in range(10)]
+    assert translate_ids(model, sources, beam_width=4, max_new_tokens=3) == [
+        translate_ids(model, [s], beam_width=4, max_new_tokens=3)[0] for s in sources]

@@ -11,9 +11,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import evaluating, prepare_prompt
+from tformer.inference.generate import MAX_ROWS, check_count, check_number, evaluating, prepare_prompt
 from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
+
+MAX_BEAM_WIDTH = 256  # every beam is a decoded row with its own KV cache; 4-10 is usual for translation
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,17 @@ class _Finished:
 
 def _check_args(model: CausalLM, beam_width: int, n_best: int, eos_token: int | None,
                 length_penalty: float) -> None:
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    if not 1 <= n_best <= beam_width:
-        raise ValueError(f"n_best must be between 1 and beam_width ({beam_width}), got {n_best}")
+    """Refuse, before any work, a width that would not fit: each beam holds a KV cache. A width
+    above the vocabulary size is allowed: beams are sequences (V**n of them after n tokens), and
+    width V**n makes the search exhaustive."""
     vocab = model.config.vocab_size  # type: ignore[attr-defined]
+    check_count("beam_width", beam_width, 1, MAX_BEAM_WIDTH, "every beam keeps a KV cache in memory; "
+                "4 to 10 is usual")
+    if isinstance(n_best, bool) or not isinstance(n_best, int) or not 1 <= n_best <= beam_width:
+        raise ValueError(f"n_best must be between 1 and beam_width ({beam_width}), got {n_best!r}")
     if eos_token is not None and not 0 <= eos_token < vocab:
         raise ValueError(f"eos_token {eos_token} is outside the vocabulary [0, {vocab})")
-    if not math.isfinite(length_penalty):
+    if not math.isfinite(check_number("length_penalty", length_penalty)):
         raise ValueError(f"length_penalty must be finite, got {length_penalty}")
 
 
@@ -98,9 +103,11 @@ def beam_search(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], beam_wid
     others continue; after the last step the live beams of prompts still open are hypotheses too,
     competing with those that ended in eos at that step.
     """
-    ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens)
     _check_args(model, beam_width, n_best, eos_token, length_penalty)
+    ids, mask = prepare_prompt(model, ids, attention_mask, max_new_tokens)
     B, W = ids.shape[0], beam_width
+    check_count("prompts x beam_width", B * W, 1, MAX_ROWS,
+                "each beam keeps a KV cache in memory; give fewer prompts per call or fewer beams")
     finished = [_Finished(W, length_penalty) for _ in range(B)]
     done = [False] * B
     with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ Beam search lives in `tformer.inference.beam`.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -17,6 +18,31 @@ from torch import Tensor
 
 from tformer.models.protocols import CausalLM
 from tformer.nn import check_token_ids
+
+
+# Upper bounds on the sizes a user types. Each one keeps a typo (--beam 100000) from hanging the
+# machine or exhausting its memory: decoding state grows with rows x length.
+MAX_NEW_TOKENS = 100_000  # tokens per call; every step is a forward pass and the output grows
+MAX_ROWS = 4096  # sequences decoded together (prompts x beams, images per batch): each keeps a KV cache
+
+
+def check_number(name: str, value: object) -> float:
+    """`value` as a finite float, or one ValueError line: NaN passes every `<` check and then
+    turns every probability into NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: object, minimum: int, maximum: int, why: str = "") -> int:
+    """`value` as an int in [minimum, maximum], or one ValueError line that says the bound and why."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name}={value} is more than {maximum:,}{f' ({why})' if why else ''}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -29,13 +55,13 @@ class Sampling:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if check_number("temperature", self.temperature) < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_k is not None:
+            check_count("top_k", self.top_k, 1, 2**31 - 1)
+        if self.top_p is not None and not 0.0 < check_number("top_p", self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if check_number("repetition_penalty", self.repetition_penalty) <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
@@ -127,8 +153,10 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
     if not bool(mask[:, -1].all()):  # the next token is read off the last position
         raise ValueError("prompts must be left-padded: the last position of every row must be a "
                          "real token (pad_prompts does this)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_count("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS,
+                "each token is a forward pass; generate in pieces")
+    check_count("the number of prompts", ids.shape[0], 1, MAX_ROWS,
+                "each row keeps a KV cache in memory; give fewer prompts per call")
     context = model.config.context_length  # type: ignore[attr-defined]
     if sliding and ids.shape[1] >= context:
         ids, mask = ids[:, -(context - 1):], mask[:, -(context - 1):]

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from tformer.files import atomic_path
-from tformer.inference.generate import Sampling, generate
+from tformer.inference.generate import MAX_ROWS, Sampling, check_count, generate
 from tformer.models.image_gen import NULL, ImageGenConfig, ImageGenerator
+
+MAX_IMAGES = 65_536  # images per call: all are held in memory (and in a grid) at once
 
 
 def label_id(config: ImageGenConfig, condition: str | int) -> int:
@@ -86,11 +88,14 @@ def sample_tokens(model: ImageGenerator, cond_ids: Tensor, cond_mask: Tensor | N
 def sample_images(model: ImageGenerator, conditions: Sequence[str | int], per_condition: int = 1,
                   sampling: Sampling | None = None, *, guidance_scale: float = 1.0, seed: int | None = None,
                   tokenizer: Any = None, batch_size: int = 256) -> np.ndarray:
-    """`per_condition` images for each condition, grouped by condition: (N, H, W, C) uint8."""
-    if per_condition < 1:
-        raise ValueError(f"per_condition must be >= 1, got {per_condition}")
+    """`per_condition` images for each condition, grouped by condition: (N, H, W, C) uint8.
+    Sizes are bounded before any work: at most MAX_IMAGES images, `batch_size` <= MAX_ROWS."""
+    check_count("per_condition", per_condition, 1, MAX_IMAGES, "images per condition; all are held in memory")
+    check_count("batch_size", batch_size, 1, MAX_ROWS, "images decoded together; each keeps a KV cache")
     config = model.config
     ids, mask = condition_ids(config, conditions, tokenizer)
+    check_count("conditions x per_condition", len(ids) * per_condition, 1, MAX_IMAGES,
+                "images in one call; all are held in memory, draw them in several calls")
     ids, mask = ids.repeat_interleave(per_condition, 0), mask.repeat_interleave(per_condition, 0)
     tokens = [sample_tokens(model, ids[i:i + batch_size], mask[i:i + batch_size], sampling,
                            guidance_scale=guidance_scale, seed=None if seed is None else seed + i)

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import Sampling, choose_next, evaluating
+from tformer.inference.generate import MAX_NEW_TOKENS, Sampling, check_count, choose_next, evaluating
 from tformer.models.protocols import MemoryLM
 
 
@@ -20,8 +20,10 @@ def stream_with_memory(model: MemoryLM, prompt: Sequence[int], max_new_tokens: i
     config.eval_memory)."""
     if len(prompt) == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_count("max_new_tokens", max_new_tokens, 0, MAX_NEW_TOKENS, "each token is a forward pass; "
+                "generate in pieces")
+    if mem_len is not None:
+        check_count("mem_len", mem_len, 0, MAX_NEW_TOKENS, "positions of memory kept per layer")
     device = next(model.parameters()).device  # type: ignore[attr-defined]
     ids = torch.tensor([list(prompt)], device=device)
     memory = model.new_memory(1, model.config.eval_memory if mem_len is None else mem_len)

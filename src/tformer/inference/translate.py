@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tformer.data.pairs import TokenBatches, pad_right
-from tformer.inference.beam import beam_search
-from tformer.inference.generate import Sampling, evaluating, generate
+from tformer.inference.beam import MAX_BEAM_WIDTH, beam_search
+from tformer.inference.generate import MAX_NEW_TOKENS, MAX_ROWS, Sampling, check_count, evaluating, generate
 from tformer.models.seq2seq import Seq2Seq
 from tformer.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
+
+MAX_TOKENS_PER_BATCH = 1_000_000  # source tokens decoded together (rows x longest)
 
 
 def default_max_new_tokens(model: Seq2Seq, source_len: int) -> int:
@@ -68,6 +71,24 @@ def _decode_batch(model: Seq2Seq, batch: list[list[int]], beam_width: int, lengt
     return [_strip(h[0].tokens, c.eos_id) for h in hyps]
 
 
+def _check_sizes(model: Seq2Seq, beam_width: int, max_new_tokens: int | None, max_tokens: int) -> None:
+    """Refuse sizes that cannot fit before any work (`--beam 100000` would allocate a KV cache per
+    beam and never finish)."""
+    check_count("beam_width", beam_width, 1, MAX_BEAM_WIDTH, "every beam keeps a KV cache in memory; "
+                "4 to 10 is usual")
+    if max_new_tokens is not None:
+        check_count("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, "each token is a decoding step")
+    check_count("max_tokens", max_tokens, 1, MAX_TOKENS_PER_BATCH,
+                "source tokens per batch; the decoder state grows with it")
+
+
+def _batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[np.ndarray]:
+    """TokenBatches' batches (similar lengths together, at most `max_tokens` tokens), each cut
+    to at most `max_rows` sentences."""
+    return [indices[i:i + max_rows] for indices in TokenBatches(lengths, max_tokens).in_order()
+            for i in range(0, len(indices), max_rows)]
+
+
 def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], *, beam_width: int = 1,
                   length_penalty: float = 1.0, max_new_tokens: int | None = None,
                   sampling: Sampling | None = None, seed: int | None = None,
@@ -79,14 +100,13 @@ def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], *, beam_widt
     (rows x longest). max_new_tokens: None for 2 x the batch's longest source + 10. too_long:
     'error' or 'truncate' a source longer than the model's context.
     """
-    if beam_width < 1:
-        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    _check_sizes(model, beam_width, max_new_tokens, max_tokens)
     if sampling is not None and beam_width > 1:
         raise ValueError("sampling and beam search do not combine: pass one of them")
     sources = _check_sources(model, sources, too_long)
     results: list[list[int]] = [[] for _ in sources]
-    with evaluating(model):
-        for indices in TokenBatches([len(s) for s in sources], max_tokens).in_order():
+    with evaluating(model):  # beams multiply the decoded rows: at most MAX_ROWS rows x beams
+        for indices in _batches([len(s) for s in sources], max_tokens, MAX_ROWS // beam_width):
             batch = [sources[i] for i in indices]
             for i, tokens in zip(indices, _decode_batch(model, batch, beam_width, length_penalty,
                                                         max_new_tokens, sampling, seed)):
