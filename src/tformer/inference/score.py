@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tformer.inference.generate import evaluating
 from tformer.models.protocols import CausalLM, MemoryLM, can
-from tformer.runs import open_run
+from tformer.runs import Run, open_run
 from tformer.tokenizers import BPETokenizer, CharTokenizer, HFJsonTokenizer, Tokenizer
 
 BATCH_WINDOWS = 8  # windows of equal length scored in one forward pass
@@ -133,6 +133,9 @@ def token_nll(model: nn.Module, ids: Sequence[int] | Tensor, *, stride: int | No
     if can(model, CausalLM):
         return causal_nll(model, ids, stride=stride)  # type: ignore[arg-type]
     if can(model, MemoryLM):
+        if stride is not None:
+            raise ValueError("a stride is for the sliding windows of a causal LM; a memory LM (Transformer-XL) "
+                             "reads the text in segments with its memory carried, so leave the stride out")
         return memory_nll(model, ids, mem_len=mem_len)  # type: ignore[arg-type]
     raise ValueError(f"a {type(model).__name__} is not a language model (it has neither next-token "
                      "logits with a cache nor a segment memory), so it cannot score text")
@@ -190,17 +193,20 @@ def read_text(path: str | Path) -> str:
         raise OSError(f"cannot read {path}: {e.strerror}") from None
 
 
-def score_file(run_dir: str | Path, path: str | Path, *, which: str = "best", stride: int | None = None,
-               mem_len: int | None = None) -> TextScore:
-    """Open a run and score a UTF-8 text file with its language model."""
-    text = read_text(path)
-    run = open_run(run_dir, which)
+def score_run(run: Run, text: str, *, stride: int | None = None, mem_len: int | None = None) -> TextScore:
+    """Score `text` with an opened run's language model and tokenizer."""
     if run.tokenizer is None or not (run.can(CausalLM) or run.can(MemoryLM)):
         what = ", ".join(run.capabilities) or "nothing a verb uses"
-        raise ValueError(f"{run_dir} holds a model that is not a language model (it can: {what}); "
+        raise ValueError(f"{run.path} holds a model that is not a language model (it can: {what}); "
                          "scoring a text needs a causal or Transformer-XL language model run")
     return score_text(run.model, run.tokenizer, text, stride=stride, mem_len=mem_len)
 
 
+def score_file(run_dir: str | Path, path: str | Path, *, which: str = "best", stride: int | None = None,
+               mem_len: int | None = None) -> TextScore:
+    """Open a run and score a UTF-8 text file with its language model."""
+    return score_run(open_run(run_dir, which), read_text(path), stride=stride, mem_len=mem_len)
+
+
 __all__ = ["TextScore", "causal_nll", "causal_windows", "known_text", "memory_nll", "read_text", "score_file",
-           "score_text", "token_nll"]
+           "score_run", "score_text", "token_nll"]
