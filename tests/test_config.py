@@ -116,3 +116,17 @@ def test_a_missing_required_field_is_a_config_error_not_a_type_error() -> None:
 
     with pytest.raises(ConfigError, match="Needs needs 'name'"):
         from_dict(Needs, {})
+
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(monkeypatch) -> None:
+    from tformer.runs import memory
+    from tformer.training.build import build
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 16)  # 64 KiB free
+    spec = ModelSpec.from_section({"preset": "gpt-nano", "n_layers": 2})
+    with pytest.raises(ConfigError, match=r"the model of preset 'gpt-nano' .* needs [\d.]+ KiB of memory"
+                                          r".* x 4.*, but 64.0 KiB is available; lower model.n_layers"):
+        build(spec, {"vocab_size": 50}, seed=0)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 40)
+    model, _ = build(spec, {"vocab_size": 50}, seed=0)
+    assert model.config.n_layers == 2

@@ -23,6 +23,7 @@ from tformer.config import ConfigError, from_dict
 from tformer.models.protocols import can, capabilities
 from tformer.models.record import model_record
 from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config, preset_family
+from tformer.runs.memory import check_fits
 from tformer.runs.run import TOKENIZER_FILE, find_checkpoint, load_model, run_dir_of
 from tformer.tokenizers import load_tokenizer
 
@@ -32,6 +33,7 @@ INIT_KEY, FREEZE_KEY = "init_from", "freeze"
 OWN_KEYS = ("preset", INIT_KEY, FREEZE_KEY)  # model-section keys that are not config fields
 HEAD_PREFIX = "head."  # a family's task head; left fresh by init_from when the task fields change
 SIZE_FIELDS = ("vocab_size",)  # with init_from, data may use fewer of these than the run has
+TRAINING_COPIES = 4  # AdamW holds weights, gradients and two moments
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ def build(spec: ModelSpec, fields: dict[str, Any], *, seed: int, needs: type | N
         model, notes = _from_run(spec, fields, tokenizer)
     else:
         config = _config(spec, fields, task)
+        _check_fits(config, spec.preset)
         model, notes = FAMILIES[family_of(config)][1](config), {}
     if needs is not None and not can(model, needs):
         raise ConfigError(f"task {task} needs a model that is a {needs.__name__}; preset {spec.preset!r} "
@@ -103,6 +106,13 @@ def build(spec: ModelSpec, fields: dict[str, Any], *, seed: int, needs: type | N
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s (%s), %s parameters", spec.preset, family_of(model.config), f"{n:,}")
     return model, {**model_record(model.config), **notes}
+
+
+def _check_fits(config: Any, preset: str) -> None:
+    """Refuse, before a weight is allocated, a model that cannot be trained in this machine's
+    memory: one line with what it would need (not an allocator traceback or the OOM killer)."""
+    check_fits(config, copies=TRAINING_COPIES, what=f"the model of preset {preset!r} with the recipe's sizes",
+               advice="lower model.n_layers, model.d_model or the vocabulary, or train on a larger machine")
 
 
 def check_init_tokenizer(spec: ModelSpec, tokenizer_kind: str) -> None:
@@ -138,6 +148,7 @@ def _from_run(spec: ModelSpec, fields: dict[str, Any], tokenizer: Any) -> tuple[
     changed = any(getattr(source.config, k) != v for k, v in fields.items())
     config = from_dict(type(source.config), {**dataclasses.asdict(source.config), **spec.overrides, **fields},
                        where=f"the model of {spec.init_from} with the recipe's overrides")
+    _check_fits(config, spec.preset)
     model = type(source)(config)
     fresh = transfer(source, model, keep_head=not changed, where=spec.init_from)  # type: ignore[arg-type]
     log.info("initialised from %s; new: %s", spec.init_from, ", ".join(fresh) or "nothing")
