@@ -84,7 +84,8 @@ def tiny(path: Path, data: dict[str, Path], run_dir: Path, init_from: Path | Non
         recipe["tokenizer"] = {**recipe["tokenizer"], "vocab_size": 300}
     recipe.update(model=model, data={**recipe.get("data", {}), **source}, run_dir=str(run_dir),
                   training={**recipe.get("training", {}), "max_steps": 2, "batch_size": 4, "eval_every": 2,
-                            "eval_batches": 1, "log_every": 1, "device": "cpu", "grad_accum": 1},
+                            "eval_batches": 1, "log_every": 1, "device": "cpu", "grad_accum": 1,
+                            "warmup_steps": 1},
                   sample={"tokens": 4, "prompt": "the"} if task in ("causal_lm", "segment_lm") else {})
     return recipe
 
