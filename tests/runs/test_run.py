@@ -39,14 +39,16 @@ TINY_GPT = {"vocab_size": 40, "context_length": 16, "n_layers": 1, "n_heads": 2,
 @pytest.mark.parametrize("name, overrides, tokens, field", [
     ("gpt", TINY_GPT, 41, "vocab_size=40"),
     ("nmt-tiny", {"vocab_size": 50, "tgt_vocab_size": 30, "share_embeddings": False, "tie_output": False,
-                      "d_model": 16, "n_heads": 2, "n_encoder_layers": 1, "n_decoder_layers": 1}, 40, "target_vocab_size=30"),
-    ("seed-sketch", {"condition": "text", "condition_vocab": 12, "condition_length": 4, "d_model": 16, "n_heads": 2}, 13,
-     "condition_vocab=12"),
+                  "d_model": 16, "n_heads": 2, "n_encoder_layers": 1, "n_decoder_layers": 1},
+     40, "target_vocab_size=30"),
+    ("seed-sketch", {"condition": "text", "condition_vocab": 12, "condition_length": 4, "d_model": 16,
+                     "n_heads": 2}, 13, "condition_vocab=12"),
 ])
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_at_open(tmp_path, name, overrides, tokens,
                                                                           field):
     run = make_run(tmp_path / "run", get_config(name, **overrides), tokens)
-    with pytest.raises(CheckpointError, match=f"has {tokens} tokens but the model's vocabulary has {field}") as e:
+    expected = f"has {tokens} tokens but the model's vocabulary has {field}"
+    with pytest.raises(CheckpointError, match=expected) as e:
         open_run(run)
     assert str(run / TOKENIZER_FILE) in one_line(e)
 
@@ -75,11 +77,12 @@ def test_a_model_too_large_for_the_memory_is_refused_before_allocating(tmp_path,
     record["model_config"].update(n_layers=400, d_model=16384, n_heads=16)  # ~1.3e12 parameters
     config_path.write_text(json.dumps(record))
     manifest = json.loads((config_path.parent / checkpoint.MANIFEST).read_text())
-    manifest[checkpoint.CONFIG] = {"bytes": config_path.stat().st_size, "sha256": checkpoint.sha256_file(config_path)}
+    manifest[checkpoint.CONFIG] = {"bytes": config_path.stat().st_size,
+                                   "sha256": checkpoint.sha256_file(config_path)}
     (config_path.parent / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     monkeypatch.setattr(memory, "available_memory", lambda: 64 << 30)
     start = time.perf_counter()
-    with pytest.raises(CheckpointError, match=r"1,288,.* parameters\) needs 4\.[0-9] TiB of memory .* but "
+    with pytest.raises(CheckpointError, match=r"1,288,.* parameters\) needs 4\.[0-9] TiB of memory, but "
                                               r"64\.0 GiB is available") as e:
         open_run(run)
     one_line(e)
@@ -95,6 +98,14 @@ def test_check_fits_counts_exactly_and_scales_with_copies():
     assert memory.check_fits(config, available=size) == size
     with pytest.raises(ConfigError, match="x 4"):
         memory.check_fits(config, copies=4, available=4 * size - 1)
+
+
+def test_an_absurd_depth_is_refused_without_building_it(monkeypatch):
+    monkeypatch.setattr(memory, "MAX_MODULES", 500)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="more than 500 modules .* use fewer layers"):
+        memory.check_fits(get_config("gpt", **{**TINY_GPT, "n_layers": 10**9}))
+    assert time.perf_counter() - start < 10
 
 
 def test_available_memory_reads_the_machine():

@@ -11,11 +11,19 @@ family is measured the same way without knowing its layout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from tformer.config import ConfigError
 from tformer.models.registry import FAMILIES, family_of
@@ -26,12 +34,58 @@ MEMINFO = Path("/proc/meminfo")
 CGROUP_V2 = Path("/sys/fs/cgroup")  # memory.max / memory.current of this container, if limited
 
 
+MAX_MODULES = 10_000  # far above any real model (GPT-2 large: ~600); stops n_layers=10**9 in ~2 s
+
+
+class _TooLarge(Exception):
+    """Raised from inside a meta build that has already passed the budget."""
+
+
+@contextlib.contextmanager
+def _module_budget() -> Iterator[list[int]]:
+    """Count the modules (and the bytes of tensors) this thread registers while the block runs;
+    stop the build (_TooLarge) past MAX_MODULES. Meta tensors cost nothing, but each module is a
+    Python object: an absurd depth (n_layers=10**9) would take hours and all memory to build."""
+    thread, seen, total = threading.get_ident(), set(), [0, 0]  # bytes, modules
+
+    def tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+        if value is not None and threading.get_ident() == thread and id(value) not in seen:
+            seen.add(id(value))
+            total[0] += value.numel() * value.element_size()
+
+    def submodule(module: nn.Module, name: str, value: nn.Module | None) -> None:
+        if threading.get_ident() == thread:
+            total[1] += 1
+            if total[1] > MAX_MODULES:
+                raise _TooLarge
+
+    hooks = [register_module_parameter_registration_hook(tensor),
+             register_module_buffer_registration_hook(tensor),
+             register_module_module_registration_hook(submodule)]
+    try:
+        yield total
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def model_bytes(config: object) -> tuple[int, int]:
     """(parameters, bytes of parameters and buffers) of the model `config` describes, counted on
-    the meta device: nothing is allocated, tied weights are counted once."""
+    the meta device: nothing is allocated, tied weights are counted once. A model of more than
+    MAX_MODULES modules is refused (ConfigError) with the bytes counted until then."""
     model_cls: type[nn.Module] = FAMILIES[family_of(config)][1]
-    with torch.device("meta"):
-        model = model_cls(config)
+    with _module_budget() as total:
+        try:
+            with torch.device("meta"):
+                model = model_cls(config)
+        except _TooLarge:
+            raise ConfigError(f"a {family_of(config)} model of this config has more than {MAX_MODULES:,} "
+                              f"modules (already {human_bytes(total[0])} of weights when counting "
+                              "stopped); use fewer layers") from None
+        except (RuntimeError, OverflowError) as e:  # sizes past what a tensor can address
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"a {family_of(config)} model of this config cannot be built ({reason}); "
+                              "use a smaller config") from None
     params = list(model.parameters())
     tensors = [*params, *model.buffers()]
     return sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in tensors)
@@ -84,10 +138,9 @@ def check_fits(config: object, *, copies: int = 1, what: str = "this model",
     free = available_memory() if available is None else available
     if free is not None and need > free:
         family = family_of(config)
-        times = f" x {copies}" if copies > 1 else ""
-        raise ConfigError(f"{what} ({family}, {n_params:,} parameters) needs {human_bytes(need)} of memory "
-                          f"({human_bytes(size)} of weights{times}), but {human_bytes(free)} is available; "
-                          f"{advice}")
+        times = f" ({human_bytes(size)} of weights x {copies})" if copies > 1 else ""
+        raise ConfigError(f"{what} ({family}, {n_params:,} parameters) needs {human_bytes(need)} of memory"
+                          f"{times}, but {human_bytes(free)} is available; {advice}")
     log.debug("%s: %d parameters, %s needed, %s available", what, n_params, human_bytes(need),
               "unknown" if free is None else human_bytes(free))
     return need

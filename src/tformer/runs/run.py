@@ -121,8 +121,9 @@ def token_vocabularies(config: Any) -> dict[str, int]:
     model's condition_vocab. Families that read no tokens (ViT, label-conditioned images): none."""
     sizes = {name: getattr(config, name) for name in ("vocab_size", "target_vocab_size")
              if isinstance(getattr(config, name, None), int)}
-    if getattr(config, "condition", None) == "text" and isinstance(getattr(config, "condition_vocab", None), int):
-        sizes["condition_vocab"] = config.condition_vocab
+    condition_vocab = getattr(config, "condition_vocab", None)
+    if getattr(config, "condition", None) == "text" and isinstance(condition_vocab, int):
+        sizes["condition_vocab"] = condition_vocab
     return sizes
 
 
@@ -131,7 +132,8 @@ def check_vocabulary(tokenizer: Tokenizer | None, config: Any, where: Path) -> N
     printing); refuse it when the run is opened."""
     if tokenizer is None:
         return
-    too_small = {name: size for name, size in token_vocabularies(config).items() if tokenizer.vocab_size > size}
+    too_small = {name: size for name, size in token_vocabularies(config).items()
+                 if tokenizer.vocab_size > size}
     if too_small:
         fields = ", ".join(f"{name}={size}" for name, size in too_small.items())
         raise CheckpointError(f"{where} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
