@@ -20,7 +20,8 @@ SCHEDULE_SEED = 11
 POINTS = {"step": 10, "checkpoint": 12, "swap": 4, "metrics": 12}  # point -> highest n drawn
 
 KILLER = textwrap.dedent("""
-    import json, os, signal, sys
+    import faulthandler, json, os, signal, sys
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang shows where, instead of a timeout
     from tformer import files
     from tformer.cli import main
     from tformer.training.report import Reporter
@@ -110,13 +111,15 @@ def test_kill_9_at_random_points_then_resume_equals_an_unbroken_run(tmp_path):
     kills = []
     for point, n in schedule(SCHEDULE_SEED):
         proc = subprocess.run([sys.executable, "-c", KILLER, str(recipe), point, str(n)],
-                              capture_output=True, text=True, timeout=120, check=False)
+                              capture_output=True, text=True, timeout=300, check=False,
+                              stdin=subprocess.DEVNULL)
         assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-2000:]
         kills.append((point, n, proc.returncode == -signal.SIGKILL))
     assert kills[0] == ("cache", 1, True)  # killed while building the token cache
     assert sum(killed for *_, killed in kills) >= 3, kills
     done = subprocess.run([sys.executable, "-m", "tformer.cli", "train", str(recipe)],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=300, check=False,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-2000:]
     assert rows(run) == rows(tmp_path / "unbroken"), kills  # same losses, each row once
     assert (run / "samples.txt").read_text() == (tmp_path / "unbroken" / "samples.txt").read_text()
