@@ -67,6 +67,11 @@ class Task(Protocol):
         """Human-readable outputs written to samples.txt at each evaluation (may be empty)."""
         ...
 
+    # Optional: a task that carries state from step to step (Transformer-XL memory) defines
+    # `state_dict() -> dict` (tensors, ints, lists, str keys) and `load_state_dict(dict)`; the
+    # Trainer stores it with train_state.pt (read with weights_only=True) and gives it back on
+    # resume, so a resume from any step is exact.
+
 
 @dataclass
 class TaskData:
