@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import json
 import random
 import re
@@ -191,7 +192,8 @@ def test_translate_takes_options_after_the_run_directory(nmt_run, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
-def test_translate_file_mode_keeps_blank_lines_aligned_and_never_overwrites(nmt_run, capsys, tmp_path):
+def test_translate_file_mode_keeps_blank_lines_aligned_and_never_overwrites(nmt_run, capsys, tmp_path,
+                                                                           monkeypatch):
     source, target = tmp_path / "in.txt", tmp_path / "out.txt"
     source.write_text("the king\n\nmy lord speaks\n   \nwar\n", encoding="utf-8")
     assert main(["translate", str(nmt_run), "--beam", "1", "--input", str(source), "--output", str(target)]) == 0
@@ -200,6 +202,9 @@ def test_translate_file_mode_keeps_blank_lines_aligned_and_never_overwrites(nmt_
     assert [bool(line) for line in lines[:5]] == [True, False, True, False, True]
     assert main(["translate", str(nmt_run), "--beam", "1", "--input", str(source)]) == 0
     assert capsys.readouterr().out.split("\n") == lines  # the same lines on standard output
+    monkeypatch.setattr("sys.stdin", io.StringIO(source.read_text(encoding="utf-8")))
+    assert main(["translate", str(nmt_run), "--beam", "1"]) == 0
+    assert capsys.readouterr().out.split("\n") == lines  # standard input keeps the alignment too
     before = tree_digest(tmp_path)
     for args, pattern in [(["--output", str(source)], "is the input"),
                           (["--output", str(target)], "already exists.*--force"),
