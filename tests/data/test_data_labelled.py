@@ -151,3 +151,40 @@ def test_missing_special_tokens_are_named() -> None:
     with pytest.raises(LabelledDataError, match=r"no \[CLS\], \[SEP\], \[PAD\].*special_tokens"):
         special_ids(Plain())
     assert special_ids(WordTokenizer()) == SpecialIds(cls=1, sep=2, pad=0, mask=3)
+
+
+def test_tsv_fields_in_csv_style_quotes_are_unquoted_and_lone_quotes_kept(tmp_path: Path) -> None:
+    """Spreadsheets (and csv's excel-tab dialect) quote TSV fields: the quotes are not text."""
+    path = tmp_path / "quoted.tsv"
+    path.write_text('"text"\tlabel\n"a ""b"" c"\tpos\nit\'s 5" tall\tneg\n"Hi," she said, "bye"\t"neg"\n'
+                    '"x\tpos\n', encoding="utf-8")
+    data = load_labelled(path)
+    assert data.texts == ('a "b" c', "it's 5\" tall", '"Hi," she said, "bye"', '"x')
+    assert data.labels == ("pos", "neg", "neg", "pos")
+
+
+def test_unquoting_agrees_with_the_csv_module_on_quoted_fields() -> None:
+    import csv
+    import io
+
+    from tformer.data.labelled import unquote_tsv_field
+
+    for text in ['a "b" c', "", '"', '""', "tab-free, with commas", '"quoted"']:
+        buffer = io.StringIO()
+        csv.writer(buffer, dialect="excel-tab", quoting=csv.QUOTE_ALL).writerow([text])
+        assert unquote_tsv_field(buffer.getvalue().rstrip("\r\n")) == text
+
+
+def test_fold_k_is_the_test_split_and_validation_comes_from_the_other_folds() -> None:
+    from tformer.data.labelled import fold_split
+
+    labels = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    folds = stratified_folds(labels, 5, seed=3)
+    train, val, test = fold_split(labels, fold=2, n_folds=5, val_fraction=0.25, seed=3)
+    assert (test == folds[2]).all()
+    assert len(np.intersect1d(val, test)) == 0 and len(np.intersect1d(train, test)) == 0
+    assert len(np.intersect1d(train, val)) == 0
+    assert (np.sort(np.concatenate([train, val, test])) == np.arange(100)).all()
+    assert [sum(labels[i] == y for i in val) for y in "abc"] == [10, 6, 4]  # stratified: 25% of 40/24/16
+    with pytest.raises(LabelledDataError, match=r"val_fraction must be in \(0, 1\) with a fold"):
+        fold_split(labels, fold=2, n_folds=5, val_fraction=0.0, seed=3)

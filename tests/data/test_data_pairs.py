@@ -144,3 +144,10 @@ def test_collate_pairs():
     assert batch["tgt_ids"].tolist() == [[1, 9, 0], [1, 10, 11]]
     assert batch["labels"].tolist() == [[9, 2, IGNORE], [10, 11, 2]]
     assert batch["tgt_mask"].tolist() == [[True, True, False], [True] * 3]
+
+
+def test_tsv_fields_in_csv_style_quotes_are_unquoted_and_lone_quotes_kept(tmp_path):
+    path = write(tmp_path / "quoted.tsv", 'de\ten\n"Hallo ""Welt"""\t"hello ""world"""\n'
+                                          '5" Nagel\t"x\n"Ja," sagte er\tyes\n')
+    assert read_pairs(path, ("de", "en")) == [('Hallo "Welt"', 'hello "world"'), ('5" Nagel', '"x'),
+                                              ('"Ja," sagte er', "yes")]

@@ -308,3 +308,19 @@ def test_pattern_mask_errors():
         pattern_mask("strided", stride=4)  # decoder or encoder must be said
     with pytest.raises(ValueError, match="tokens must be >= 1, got 0"):
         pattern_mask("global_tokens", causal=False, tokens=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_past_its_max_len_keeps_window_and_global_blocks(causal):
+    """It raised IndexError on any input longer than max_len."""
+    mask = pattern_mask("bigbird", causal=causal, max_len=16, block_size=4, random_blocks=1, seed=5)
+    long = matrix(mask, 28)  # 7 blocks; the table has 4
+    assert torch.equal(long[:16, :16], matrix(mask, 16))  # the drawn pattern is unchanged inside
+    i = torch.arange(28) // 4
+    window_and_global = ((i[:, None] - i).abs() <= 1) | (i[:, None] < 1) | (i < 1)
+    if causal:
+        window_and_global &= torch.ones(28, 28).tril().bool()
+    outside = (i[:, None] >= 4) | (i >= 4)
+    assert torch.equal(long[outside], window_and_global[outside])
+    block_mask = mask.block_mask(1, 1, 28, 28)  # flex evaluates the same function
+    assert block_mask.shape[-2:] == (28, 28)

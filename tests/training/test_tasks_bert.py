@@ -132,8 +132,8 @@ def test_pretrain_then_fine_tune_from_it(files: dict, tmp_path: Path) -> None:
     mlm = recipe("masked_lm", tmp_path / "mlm", {"sources": [str(files["txt"])], "max_length": 16})
     train_recipe(mlm)
     assert 0 <= evaluate_run(tmp_path / "mlm")["masked_accuracy"] <= 1
-    tuned = recipe("classification", tmp_path / "clf", {"source": str(files["tsv"]), "fold": 1}, steps=40,
-                   pooling="mean")
+    tuned = recipe("classification", tmp_path / "clf", {"source": str(files["tsv"]), "fold": 1,
+                                                        "val_fraction": 0.1}, steps=40, pooling="mean")
     with pytest.raises(ConfigError, match="tokenizer.kind=file"):  # a fresh BPE would not fit the weights
         prepare(with_init(tuned, tmp_path / "mlm"))
     assert not (tmp_path / "clf").exists()
@@ -206,3 +206,25 @@ def test_freeze_keeps_named_parameters_fixed(files: dict, tmp_path: Path) -> Non
 def test_shipped_recipes_are_valid(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.task in ("masked_lm", "classification")
+
+
+def test_a_fold_is_the_test_split_and_never_picks_the_checkpoint(files: dict, tmp_path: Path) -> None:
+    """With data.fold=K the best checkpoint was chosen on fold K, then fold K was scored."""
+    data = classification.DataSpec(source=str(files["tsv"]), fold=1, val_fraction=0.25)
+    train, val, test = classification._splits(data)
+    assert len(test) == 24 and not set(test.lines) & (set(train.lines) | set(val.lines))
+    assert not set(train.lines) & set(val.lines) and len(train) + len(val) + len(test) == 120
+    assert sorted(set(val.labels)) == ["neg", "pos"] and len(val) == 24  # stratified 25% of 96
+    task = prepare(recipe("classification", tmp_path / "f", {"source": str(files["tsv"]), "fold": 1,
+                                                             "val_fraction": 0.25})).task
+    assert len(task.val_rows) == len(val) and len(task.train_rows) == len(train)
+
+
+def test_one_class_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "one.tsv"
+    path.write_text("label\ttext\n" + "".join(f"pos\tgood film {i}\n" for i in range(30)))
+    with pytest.raises(ConfigError, match=r"one.tsv holds one label \('pos'\): a classifier needs at least 2"):
+        prepare(recipe("classification", tmp_path / "one", {"source": str(path)}))
+    assert not (tmp_path / "one").exists()
+    with pytest.raises(ConfigError, match=r"data.labels=\['pos'\] names one class"):
+        recipe("classification", tmp_path / "one", {"source": str(path), "labels": ["pos"]})

@@ -170,3 +170,22 @@ def test_colour_images_get_a_k_means_palette(tmp_path: Path) -> None:
     assert sorted(map(tuple, np.rint(palette).astype(int))) == sorted(map(tuple, colours.astype(int)))
     tokens = prepared.task.train_batch(0, 0, 1)["tokens"]
     assert tokens.shape == (16, 36) and int(tokens.max()) < 3
+
+
+def test_one_class_of_images_is_refused(tmp_path: Path) -> None:
+    """A one-class folder trained a one-class ViT that scored accuracy 1.0."""
+    from PIL import Image
+
+    folder = tmp_path / "shapes" / "circle"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"holds images of one class \('circle'\): an image classifier "
+                                          "needs at least 2"):
+        prepare(recipe_from_dict(vit_recipe(tmp_path / "run", source=str(tmp_path / "shapes"))))
+    path = tmp_path / "zeros.npz"  # two names, but every image of the first
+    np.savez(path, images=np.zeros((20, 8, 8), np.uint8), labels=np.zeros(20, np.int64),
+             label_names=np.array(["a", "b"]))
+    with pytest.raises(ConfigError, match=r"holds images of one class \('a'\)"):
+        prepare(recipe_from_dict(vit_recipe(tmp_path / "run", source=str(path))))
+    assert not (tmp_path / "run").exists()

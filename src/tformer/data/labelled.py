@@ -85,17 +85,36 @@ def _columns(path: Path, header: list[str], text_column: str, label_column: str)
     return header.index(text_column), header.index(label_column)
 
 
+def unquote_tsv_field(field: str) -> str:
+    """A TSV field written with CSV-style quoting ('"a ""b"" c"', as spreadsheets and Python's
+    csv excel-tab dialect write it) as its text ('a "b" c'). Only a field wholly enclosed in
+    double quotes whose inner quotes are all doubled is unquoted; a lone quote inside a text
+    ('5" tall', '"Hi," she said') is kept as written."""
+    if len(field) < 2 or field[0] != '"' or field[-1] != '"':
+        return field
+    inner = field[1:-1]
+    if inner.replace('""', "").count('"'):
+        return field  # an undoubled quote inside: not CSV quoting, keep the text as it is
+    return inner.replace('""', '"')
+
+
+def split_tsv_line(line: str) -> list[str]:
+    """The fields of one TSV line (tabs separate; no field holds a tab or newline), unquoted."""
+    return [unquote_tsv_field(field) for field in line.split("\t")]
+
+
 def _read_tsv(path: Path, text_column: str, label_column: str) -> list[tuple[str, str, int]]:
-    """Tab-separated, no quoting (a field cannot hold a tab or a newline)."""
+    """Tab-separated (a field cannot hold a tab or a newline); fields wholly in CSV-style quotes
+    are unquoted (`unquote_tsv_field`)."""
     lines = read_text_file(path).split("\n")
-    header = lines[0].rstrip("\r").split("\t")
+    header = split_tsv_line(lines[0].rstrip("\r"))
     t, y = _columns(path, header, text_column, label_column)
     rows = []
     for n, line in enumerate(lines[1:], start=2):
         line = line.rstrip("\r")
         if not line.strip():
             continue
-        fields = line.split("\t")
+        fields = split_tsv_line(line)
         if len(fields) != len(header):
             raise LabelledDataError(f"{path} line {n}: expected {len(header)} tab-separated fields "
                                     f"({', '.join(header)}), found {len(fields)}; a TSV field cannot hold "
@@ -202,6 +221,35 @@ def stratified_folds(labels: Sequence[str], n_folds: int, seed: int) -> list[np.
     return [np.sort(np.array(fold, dtype=np.int64)) for fold in folds]
 
 
+def stratified_holdout(labels: Sequence[str], indices: np.ndarray, fraction: float,
+                       seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held) of `indices`: `fraction` of each label's examples among them held out
+    (seeded), both sorted."""
+    check_fraction("val_fraction", fraction)
+    rng, held = np.random.default_rng(seed), []
+    for name in sort_labels({labels[i] for i in indices}):
+        members = rng.permutation([int(i) for i in indices if labels[i] == name])
+        held.extend(members[:round(fraction * len(members))].tolist())
+    held_idx = np.sort(np.array(held, dtype=np.int64))
+    return np.setdiff1d(np.asarray(indices, dtype=np.int64), held_idx), held_idx
+
+
+def fold_split(labels: Sequence[str], *, fold: int, n_folds: int, val_fraction: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) for k-fold evaluation: fold `fold` is the test split, scored once at
+    the end; validation (which picks the best checkpoint) is a stratified `val_fraction` of the
+    other folds, so the test fold never influences training."""
+    if not 0 <= fold < n_folds:
+        raise LabelledDataError(f"fold must be in [0, {n_folds}), got {fold}")
+    if not 0 < val_fraction < 1:
+        raise LabelledDataError(f"val_fraction must be in (0, 1) with a fold: validation is carved out of "
+                                f"the training folds, got {val_fraction}")
+    folds = stratified_folds(labels, n_folds, seed)
+    pool = np.sort(np.concatenate([f for k, f in enumerate(folds) if k != fold]))
+    train, val = stratified_holdout(labels, pool, val_fraction, seed + 1)
+    return train, val, folds[fold]
+
+
 def train_val_split(labels: Sequence[str], *, val_fraction: float, seed: int, fold: int | None = None,
                     n_folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices: fold k of stratified k-fold when `fold` is set, else a stratified
@@ -211,13 +259,7 @@ def train_val_split(labels: Sequence[str], *, val_fraction: float, seed: int, fo
             raise LabelledDataError(f"fold must be in [0, {n_folds}), got {fold}")
         folds = stratified_folds(labels, n_folds, seed)
         return np.sort(np.concatenate([f for k, f in enumerate(folds) if k != fold])), folds[fold]
-    check_fraction("val_fraction", val_fraction)
-    rng, val = np.random.default_rng(seed), []
-    for name in sort_labels(set(labels)):
-        members = rng.permutation([i for i, label in enumerate(labels) if label == name])
-        val.extend(members[:round(val_fraction * len(members))].tolist())
-    val_idx = np.sort(np.array(val, dtype=np.int64))
-    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
+    return stratified_holdout(labels, np.arange(len(labels)), val_fraction, seed)
 
 
 @dataclass(frozen=True)

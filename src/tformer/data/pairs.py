@@ -19,6 +19,7 @@ from torch import Tensor
 
 from tformer.config import check_choice
 from tformer.data.datasets import DATASETS, get_dataset, resolve_dataset
+from tformer.data.labelled import split_tsv_line
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,12 @@ def lines_of(text: str) -> list[str]:
 
 
 def _table_rows(path: Path, text: str, kind: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of a TSV (tabs, no quoting) or CSV (RFC 4180 quoting) file."""
+    """(line number, fields) of a TSV (tabs; a field wholly in CSV-style quotes is unquoted) or
+    CSV (RFC 4180 quoting) file."""
     if kind == "tsv":
         for number, line in enumerate(lines_of(text), 1):
             if line.strip():
-                yield number, line.split("\t")
+                yield number, split_tsv_line(line)
         return
     reader = csv.reader(io.StringIO(text, newline=""))
     try:

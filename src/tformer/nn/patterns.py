@@ -135,7 +135,9 @@ def bigbird(block_size: int, max_len: int, *, window_blocks: int = 3, global_blo
             device: torch.device | str | None = None) -> Mask:
     """BigBird block-sparse attention over sequences of up to `max_len` tokens: sliding window +
     global + random key blocks (see `bigbird_blocks`); the same `seed` gives the same mask.
-    `causal` draws random blocks from earlier blocks only (combine with `causal()`)."""
+    `causal` draws random blocks from earlier blocks only (combine with `causal()`). Random blocks
+    are drawn for the first `max_len` tokens; past them a query keeps its window and the global
+    blocks (the pattern's deterministic part), so a longer input is masked, not an IndexError."""
     _check_int("block_size", block_size, 1)
     _check_int("max_len", max_len, 1)
     _check_int("window_blocks", window_blocks, 1)
@@ -148,9 +150,16 @@ def bigbird(block_size: int, max_len: int, *, window_blocks: int = 3, global_blo
     n_blocks = -(-max_len // block_size)
     adj = bigbird_blocks(n_blocks, window_blocks, global_blocks, random_blocks, seed, causal)
     adj = adj.to(device)  # indexed inside the mask function: must live where q and k live
+    last, half = n_blocks - 1, window_blocks // 2
 
     def mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return adj[q // block_size, kv // block_size]
+        qb, kb = q // block_size, kv // block_size
+        drawn = adj[qb.clamp(max=last), kb.clamp(max=last)]  # the table covers max_len tokens
+        # past max_len (no index error, no clamped lookalike): window + global blocks, no random
+        beyond = ((qb - kb).abs() <= half) | (qb < global_blocks) | (kb < global_blocks)
+        if causal:
+            beyond = beyond & (qb >= kb)
+        return torch.where((qb <= last) & (kb <= last), drawn, beyond)
 
     name = (f"bigbird(block={block_size}, window={window_blocks}, global={global_blocks}, "
             f"random={random_blocks}, seed={seed}{', causal' if causal else ''})")

@@ -1,8 +1,9 @@
 """Sentence classification with a BERT (sentiment, emotion, topic, ...): labelled sentences from
 a TSV / CSV / JSONL file or a named dataset; the label set is whatever the data says.
 
-Validation is a stratified hold-out or fold k of a stratified k-fold split. `evaluate` reports
-accuracy and macro F1 and writes a confusion-matrix PNG into the run directory. The label names
+Validation is a stratified hold-out; with `data.fold=K` fold K of a stratified k-fold split is
+the test split `evaluate` scores, and validation is carved out of the other folds. `evaluate`
+reports accuracy and macro F1 and writes a confusion-matrix PNG into the run directory. The label names
 are part of the model's config, so they are stored with every checkpoint of the run.
 """
 
@@ -24,6 +25,7 @@ from tformer.data.labelled import (
     TOO_LONG,
     LabelledSentences,
     encode_sentences,
+    fold_split,
     label_ids,
     load_labelled,
     pad_rows,
@@ -50,8 +52,11 @@ class DataSpec:
     text_column: str = "text"
     label_column: str = "label"
     labels: tuple[str, ...] = ()  # the classes in output order; (): the data's labels, sorted
-    val_fraction: float = 0.2  # stratified hold-out when fold is None
-    fold: int | None = None  # validate on fold `fold` of `n_folds` (stratified k-fold)
+    # validation (picks the best checkpoint): a stratified val_fraction of the data, or with
+    # `fold` set, of the training folds; fold `fold` of `n_folds` (stratified k-fold) is then the
+    # test split `evaluate` scores, never seen in training or in choosing the checkpoint
+    val_fraction: float = 0.2
+    fold: int | None = None
     n_folds: int = 5
     split_seed: int = 0  # the split, independent of training.seed
     max_length: int | None = None  # tokens per sentence with [CLS] and [SEP]; None: the model's limit
@@ -60,6 +65,9 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if len(self.labels) == 1:
+            raise ConfigError(f"data.labels={list(self.labels)} names one class: a classifier needs at "
+                              "least 2 (leave data.labels empty to take the data's labels)")
         if self.format is not None:
             check_choice("data.format", self.format, FORMATS)
         check_choice("data.too_long", self.too_long, TOO_LONG)
@@ -67,6 +75,9 @@ class DataSpec:
         check_positive("data.n_folds", self.n_folds)
         if self.fold is not None and not 0 <= self.fold < self.n_folds:
             raise ConfigError(f"data.fold must be in [0, {self.n_folds}), got {self.fold}")
+        if self.fold is not None and self.val_fraction == 0:
+            raise ConfigError("data.val_fraction must be > 0 with data.fold: validation is carved out of "
+                              "the training folds, the fold itself is the test split")
         if self.max_length is not None and self.max_length < 3:
             raise ConfigError(f"data.max_length must be >= 3 ([CLS] token [SEP]), got {self.max_length}")
 
@@ -151,13 +162,26 @@ def predict(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: i
     return predicted
 
 
-def _splits(data: DataSpec) -> tuple[LabelledSentences, LabelledSentences]:
-    """(train, validation) of the data source, as the recipe splits it."""
+def _splits(data: DataSpec) -> tuple[LabelledSentences, LabelledSentences, LabelledSentences]:
+    """(train, validation, test) of the data source, as the recipe splits it. With data.fold,
+    test is that fold and validation a share of the other folds; else test is the validation
+    split (what evaluate has always scored without a fold)."""
     sentences = load_labelled(data.source, text_column=data.text_column, label_column=data.label_column,
                               format=data.format)
-    train, val = train_val_split(sentences.labels, val_fraction=data.val_fraction, seed=data.split_seed,
-                                 fold=data.fold, n_folds=data.n_folds)
-    return sentences.subset(train), sentences.subset(val)
+    if data.fold is not None:
+        train, val, test = fold_split(sentences.labels, fold=data.fold, n_folds=data.n_folds,
+                                      val_fraction=data.val_fraction, seed=data.split_seed)
+        return sentences.subset(train), sentences.subset(val), sentences.subset(test)
+    train, val = train_val_split(sentences.labels, val_fraction=data.val_fraction, seed=data.split_seed)
+    return sentences.subset(train), sentences.subset(val), sentences.subset(val)
+
+
+def check_classes(labels: tuple[str, ...], source: str) -> None:
+    """A classifier needs two classes at least: with one, every prediction is right (accuracy
+    1.0) and nothing is learned."""
+    if len(labels) < 2:
+        raise ConfigError(f"{source} holds one label ({', '.join(map(repr, labels))}): a classifier needs "
+                          "at least 2 classes; add examples of another class")
 
 
 def _task(settings: TaskSettings, tokenizer: Any, labels: tuple[str, ...], max_length: int,
@@ -188,8 +212,9 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     """Tokenizer (trained on the sentences, or the init_from run's); the model takes a sequence
     head over the data's labels. Nothing is written before the data is read."""
     data: DataSpec = settings.data
-    train, val = _splits(data)
+    train, val, _ = _splits(data)
     labels = data.labels or sort_labels(set(train.labels) | set(val.labels))
+    check_classes(labels, data.source)
     label_ids(train, labels), label_ids(val, labels)  # a label outside data.labels: named here
     tokenizer = tokenizer_for(lambda: list(train.texts))
     special_ids(tokenizer)
@@ -213,7 +238,7 @@ def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[s
         val = load_labelled(data.test_source, text_column=data.text_column,
                             label_column=data.label_column, format=data.format)
     else:
-        val = _splits(data)[1]
+        val = _splits(data)[2]
     truth = label_ids(val, config.labels)  # before any work: an unseen label is named with its line
     specials = special_ids(tokenizer)
     max_length = input_length(data.max_length, config.context_length)

@@ -112,6 +112,10 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     if height != width:
         raise ConfigError(f"{data.source}: ViT needs square images, these are {height}x{width}; "
                           "crop or pad them to a square")
+    present = [train.label_names[i] for i in np.unique(train.labels)]
+    if len(present) < 2:  # one class: every guess is right, accuracy 1.0, nothing learned
+        raise ConfigError(f"{data.source} holds images of one class ({', '.join(map(repr, present))}): "
+                          "an image classifier needs at least 2; add a folder of images per class")
     log.info("image classification: %d training / %d validation %dx%dx%d images, %d classes", len(train),
              len(val), height, width, channels, len(train.label_names))
     fields = {"image_size": height, "channels": channels, "n_classes": len(train.label_names),
