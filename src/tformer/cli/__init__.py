@@ -105,7 +105,8 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
     p.add_argument("run_dir")
-    p.add_argument("text", nargs="*", help="sentences (default: --input, else standard input; one per line)")
+    p.add_argument("text", nargs="*", default=[], help="sentences (default: --input, else standard input; "
+                   "one per line)")
     p.add_argument("--beam", type=whole_number(1, MAX_BEAM), default=4, help=f"beam width (1 = greedy, "
                    f"at most {MAX_BEAM})")
     p.add_argument("--input", default=None, metavar="FILE", help="a text file, one sentence per line; "
@@ -119,7 +120,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="what a trained run's model does, on your inputs: classify "
                        "sentences or images, continue prompts, translate, draw")
     p.add_argument("run_dir")
-    p.add_argument("inputs", nargs="*", help="sentences, image files, prompts or conditions (default: "
+    p.add_argument("inputs", nargs="*", default=[], help="sentences, image files, prompts or conditions (default: "
                    "--file, else standard input, one per line)")
     p.add_argument("-f", "--file", action="append", help="a text file with one input per line (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
@@ -180,7 +181,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     args, extra = parser.parse_known_args(argv)
     spill = getattr(args, "spill", None)
     if extra and spill and not any(e.startswith("-") for e in extra):
-        getattr(args, spill).extend(extra)
+        setattr(args, spill, [*getattr(args, spill), *extra])  # a new list: never the default
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
