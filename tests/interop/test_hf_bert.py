@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from tformer.config import ConfigError  # noqa: E402
 from tformer.interop.hf_bert import convert_bert, load_bert, load_bert_tokenizer  # noqa: E402
 from tformer.models.bert import mean_pool  # noqa: E402
-from tformer.runs import open_run  # noqa: E402
+from tformer.runs import CheckpointError, open_run  # noqa: E402
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=48, max_position_embeddings=40, type_vocab_size=2)
@@ -165,8 +165,13 @@ def test_minilm_sentence_embeddings_match_transformers() -> None:
 
 
 def test_convert_then_load_run_gives_the_same_model(tmp_path: Path) -> None:
-    hf = make_hf(tmp_path / "hf", "BertForMaskedLM")
     tokenizer = minilm_dir() / "tokenizer.json"
+    make_hf(tmp_path / "small", "BertForMaskedLM")  # 99 tokens: the 30,522-token tokenizer does not fit
+    (tmp_path / "small" / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    with pytest.raises(CheckpointError, match="has 30522 tokens but the model's vocabulary has vocab_size=99"):
+        convert_bert(tmp_path / "small", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    hf = make_hf(tmp_path / "hf", "BertForMaskedLM", vocab_size=30522)
     (tmp_path / "hf" / "tokenizer.json").write_bytes(tokenizer.read_bytes())
     run = convert_bert(tmp_path / "hf", tmp_path / "run")
     opened = open_run(run)

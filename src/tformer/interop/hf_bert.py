@@ -24,7 +24,7 @@ from tformer.models.bert import HEADS, Bert, BertConfig
 from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
 from tformer.models.record import model_record
 from tformer.runs import checkpoint
-from tformer.runs.run import TOKENIZER_FILE
+from tformer.runs.run import TOKENIZER_FILE, check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def convert_bert(path: str | os.PathLike, out_dir: str | os.PathLike, *, head: s
     checked first, so a directory without one writes nothing."""
     tokenizer = load_bert_tokenizer(path)
     model = load_bert(path, head=head, labels=labels, pooling=pooling)
+    check_vocabulary(tokenizer, model.config, Path(path) / "tokenizer.json")  # before anything is written
     out = Path(out_dir)
     record = {**model_record(model.config),
               "imported_from": str(Path(path).resolve())}

@@ -23,7 +23,7 @@ def model_record(config: Any) -> dict[str, Any]:
 def config_from_record(record: Mapping[str, Any], where: str = "the model record") -> Any:
     """The config object a record describes; an unknown family or bad key is named."""
     family = record.get(FAMILY_KEY)
-    if family not in FAMILIES or not isinstance(record.get(CONFIG_KEY), Mapping):
+    if not isinstance(family, str) or family not in FAMILIES or not isinstance(record.get(CONFIG_KEY), Mapping):
         known = ", ".join(FAMILIES)
         raise ConfigError(f"{where} does not describe a model tformer knows (model_family="
                           f"{family!r}; known: {known}); was it written by tformer, or by a newer version?")
