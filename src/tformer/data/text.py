@@ -17,7 +17,7 @@ import torch
 
 from tformer.config import check_fraction, did_you_mean
 from tformer.data.datasets import DATASETS, Progress, cache_root, get_dataset, resolve_dataset
-from tformer.files import atomic_path, sha256_file, write_json_atomic
+from tformer.files import atomic_path, remove_stale_temporaries, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ class TokenizedCorpus:
         if chunk_chars <= 0:
             raise ValueError(f"chunk_chars must be > 0, got {chunk_chars}")
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "tokens"
+        remove_stale_temporaries(folder)  # a killed build's partial .bin (only dead processes' files)
         expected = {"format": CACHE_FORMAT, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
                     "tokenizer_fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size}
         key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:32]

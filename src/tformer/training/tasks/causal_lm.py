@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from tformer.config import check_fraction
 from tformer.data.text import TokenizedCorpus, causal_lm_batch, eval_batches, load_text
-from tformer.files import remove_stale_temporaries
 from tformer.inference.generate import TEXT_SAMPLING, generate
 from tformer.models.protocols import CausalLM
 from tformer.tokenizers.base import Tokenizer
@@ -86,14 +85,12 @@ class CausalLMTask:
 
 
 def token_cache_dir(cache_dir: str | None) -> Path:
-    """The token cache folder; temporary files a killed build left there are removed first (only
-    tformer's temporary names, only those of processes that are gone)."""
+    """The token cache folder (TokenizedCorpus removes a killed build's temporary files there)."""
     if cache_dir:
         folder = Path(cache_dir).expanduser()
     else:
         root = os.environ.get("TFORMER_CACHE_DIR") or Path.home() / ".cache" / "tformer"
         folder = Path(root) / "tokens"
-    remove_stale_temporaries(folder)
     return folder
 
 
