@@ -87,3 +87,13 @@ def test_the_same_seed_builds_the_same_weights() -> None:
     a, _ = build(ModelSpec("gpt-nano"), {"vocab_size": 8}, seed=3)
     b, _ = build(ModelSpec("gpt-nano"), {"vocab_size": 8}, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_run_saved_before_a_stricter_training_check_can_still_be_evaluated(tmp_path: Path) -> None:
+    from tformer.training.recipe import saved_for_evaluation
+
+    saved = recipe_from_dict(gpt_recipe(tmp_path, "old")).to_dict()
+    saved["training"].update(max_steps=2, warmup_steps=100)  # as a version without the check saved it
+    with pytest.raises(ConfigError, match="longer than the run"):
+        recipe_from_dict(saved)
+    assert recipe_from_dict(saved_for_evaluation(saved)).training.warmup_steps == 2

@@ -279,6 +279,15 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
         distributed.teardown(world)
 
 
+def saved_for_evaluation(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved recipe as evaluation reads it: a training-only setting that a later version checks
+    more strictly (a warm-up longer than the run) must not lock a trained run out of evaluation."""
+    training = dict(saved.get("training") or {})
+    if isinstance(training.get("warmup_steps"), int) and isinstance(training.get("max_steps"), int):
+        training["warmup_steps"] = min(training["warmup_steps"], training["max_steps"])
+    return {**saved, "training": training}
+
+
 def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
     """The task's evaluation (e.g. validation loss and perplexity) of a trained run."""
     run = open_run(run_dir, which)
@@ -286,7 +295,7 @@ def evaluate_run(run_dir: str | Path, which: str = "best") -> dict[str, Any]:
         raise checkpoint.CheckpointError(f"{run_dir} holds an imported model, not a training run: "
                                          "there is no recipe to evaluate it with; fine-tune it with "
                                          "a recipe whose model.init_from names it")
-    recipe = recipe_from_dict(run.recipe, where=f"{run_dir} (saved recipe)")
+    recipe = recipe_from_dict(saved_for_evaluation(run.recipe), where=f"{run_dir} (saved recipe)")
     recipe = dataclasses.replace(recipe, run_dir=str(run.path))  # outputs go where it was evaluated
     progress = checkpoint.load_progress(run.checkpoint)
     results = task_module(recipe.task).evaluate(recipe.settings, run.model, run.tokenizer)
