@@ -132,3 +132,12 @@ def test_convert_then_load_run_gives_the_same_model(tmp_path: Path) -> None:
     x = images()
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max() <= 1e-4
+
+
+def test_convert_never_writes_into_a_folder_that_holds_something(tmp_path: Path) -> None:
+    make_hf(tmp_path / "hf", num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="mine is not empty; give a new folder"):
+        convert_vit(tmp_path / "hf", tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -19,7 +19,7 @@ import torch
 
 from tformer.config import ConfigError, check_choice
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
+from tformer.interop.huggingface import CONFIG_FILE, check_empty_output, gather_tensors, read_safetensors
 from tformer.models.bert import HEADS, Bert, BertConfig
 from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
 from tformer.models.record import model_record
@@ -189,6 +189,7 @@ def convert_bert(path: str | os.PathLike, out_dir: str | os.PathLike, *, head: s
     """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best + tokenizer.json),
     which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`). The tokenizer is
     checked first, so a directory without one writes nothing."""
+    check_empty_output(Path(out_dir))
     tokenizer = load_bert_tokenizer(path)
     model = load_bert(path, head=head, labels=labels, pooling=pooling)
     check_vocabulary(tokenizer, model.config, Path(path) / "tokenizer.json")  # before anything is written

@@ -18,7 +18,7 @@ import torch
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, gather_tensors, read_safetensors
+from tformer.interop.huggingface import CONFIG_FILE, check_empty_output, gather_tensors, read_safetensors
 from tformer.models.vit import ViT, ViTConfig
 from tformer.models.record import model_record
 from tformer.runs import checkpoint
@@ -152,6 +152,7 @@ def convert_vit(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 labels: Sequence[str] | None = None) -> Path:
     """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best, no tokenizer),
     which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`)."""
+    check_empty_output(Path(out_dir))
     model = load_vit(path, labels=labels)
     out = Path(out_dir)
     record = {**model_record(model.config), "imported_from": str(Path(path).resolve()), HAS_TOKENIZER: False}

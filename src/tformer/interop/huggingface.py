@@ -261,3 +261,12 @@ def read_safetensors(root: Path, rename: Callable[[str], str], hf_class: str
                 tensors[rename(name)] = f.get_tensor(name)
                 stored[rename(name)] = name
     return tensors, stored
+
+
+def check_empty_output(out_dir: Path) -> None:
+    """An import writes a new run directory: an existing folder with anything in it (a trained run,
+    the user's files) is refused before anything is written."""
+    if out_dir.is_file():
+        raise ValueError(f"{out_dir} is a file; give a new folder to write the converted run into")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty; give a new folder (nothing in {out_dir} was changed)")
