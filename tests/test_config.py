@@ -31,7 +31,7 @@ def test_a_string_for_a_list_field_is_one_item_not_its_characters() -> None:
     assert recipe.tokenizer.special_tokens == ("<eos>",)
     assert load_recipe(BPE, ["tokenizer.special_tokens=[<eos>, <pad>]"]).tokenizer.special_tokens == (
         "<eos>", "<pad>")
-    assert load_recipe(RECIPES / "bert-sentiment.yaml", ["data.labels=pos"]).data.labels == ("pos",)
+    refused(["data.labels=pos"], r"data.labels=\['pos'\] names one class", RECIPES / "bert-sentiment.yaml")
     assert TokenizerSpec(special_tokens="<eos>").special_tokens == ("<eos>",)  # type: ignore[arg-type]
 
 
@@ -130,3 +130,16 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_built(monkeypatch)
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 40)
     model, _ = build(spec, {"vocab_size": 50}, seed=0)
     assert model.config.n_layers == 2
+
+
+@pytest.mark.parametrize("text, match", [
+    ("\x1f", "is not valid YAML: unacceptable character"),  # was a message of three lines
+    ("?", "unknown section None"),  # a null key: was a TypeError from the suggestion
+    ("{1: 2}", "unknown section 1"),
+])
+def test_a_malformed_recipe_file_is_one_line(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=match) as caught:
+        load_recipe(path)
+    assert "\n" not in str(caught.value)

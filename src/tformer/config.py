@@ -27,7 +27,10 @@ KNOWN_ALIASES = {"learning_rate": "lr", "n_layer": "n_layers", "n_head": "n_head
 
 
 def did_you_mean(name: str, options: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
+    """' (did you mean 'x'?)' for the closest option, or '' when none is close (or `name` is
+    not a string: a YAML key may be a number, a list or null)."""
+    if not isinstance(name, str):
+        return ""
     options = list(options)
     if KNOWN_ALIASES.get(name) in options:
         return f" (did you mean {KNOWN_ALIASES[name]!r}?)"
@@ -198,7 +201,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]  # one line
         raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text ({e})") from None

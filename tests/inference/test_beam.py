@@ -191,6 +191,7 @@ def test_restores_training_mode(model):
     (dict(beam_width=100_000), r"beam_width=100000 is more than 256 \(every beam keeps a KV cache"),
     (dict(beam_width=2.0), "beam_width must be a whole number"),
     (dict(length_penalty="1"), "length_penalty must be a finite number"),
+    (dict(length_penalty=-2000.0), r"length_penalty must be in \[-10, 10\]"),  # was ZeroDivisionError
 ])
 def test_bad_input(model, kwargs, message):
     args = dict(beam_width=2, max_new_tokens=3) | kwargs

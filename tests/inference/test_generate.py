@@ -129,6 +129,15 @@ def test_top_k_must_be_a_whole_number(top_k):
         Sampling(top_k=top_k)
 
 
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1e-88), Sampling(temperature=1e-30),
+                                      Sampling(repetition_penalty=1e-311), Sampling(top_p=1e-311)],
+                         ids=["temperature-underflow", "temperature-overflow", "penalty", "top_p"])
+def test_extreme_but_valid_sampling_values_still_sample(model, sampling):
+    """Found by tests/test_properties.py: these made softmax NaN, then torch.multinomial raised."""
+    out = generate(model, [[3, 1, 4]], 4, sampling, seed=0)
+    assert out.shape == (1, 7) and int(out.max()) < VOCAB
+
+
 def test_generation_sizes_are_bounded_before_any_work(model):
     with pytest.raises(ValueError, match=f"max_new_tokens={MAX_NEW_TOKENS + 1} is more than 100,000 "
                                          r"\(each token is a forward pass"):

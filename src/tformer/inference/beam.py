@@ -16,6 +16,7 @@ from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
 
 MAX_BEAM_WIDTH = 256  # every beam is a decoded row with its own KV cache; 4-10 is usual for translation
+MAX_LENGTH_PENALTY = 10.0  # score = log_prob / length ** penalty stays finite for any length we allow
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ def _check_args(model: CausalLM, beam_width: int, n_best: int, eos_token: int | 
         raise ValueError(f"n_best must be between 1 and beam_width ({beam_width}), got {n_best!r}")
     if eos_token is not None and not 0 <= eos_token < vocab:
         raise ValueError(f"eos_token {eos_token} is outside the vocabulary [0, {vocab})")
-    if not math.isfinite(check_number("length_penalty", length_penalty)):
-        raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+    if abs(check_number("length_penalty", length_penalty)) > MAX_LENGTH_PENALTY:
+        raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] "
+                         f"(length ** penalty overflows beyond; 0 to 2 is usual), got {length_penalty}")
 
 
 def _select(scores: Tensor, width: int, eos_token: int | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -109,10 +109,23 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
-        drop_sorted = mass_before >= top_p  # the top token always survives (mass_before = 0)
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False  # the top token always survives (a top_p below float32's
+        # smallest number compares as 0, which would drop every token)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -torch.inf)
     return logits
+
+
+def scale(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature (B, V). Where that overflows (a tiny temperature or repetition
+    penalty makes a logit infinite, and softmax then NaN), the row is shifted by its maximum
+    first: the same distribution, with the largest logit at 0."""
+    scaled = logits / temperature
+    top = torch.finfo(logits.dtype).max
+    clamped = logits.clamp(-top, top)
+    shifted = (clamped - clamped.max(-1, keepdim=True).values) / temperature
+    return torch.where(scaled.isfinite().all(-1, keepdim=True), scaled, shifted)
 
 
 def choose_next(logits: Tensor, sampling: Sampling, seen: Tensor | None,
@@ -121,9 +134,9 @@ def choose_next(logits: Tensor, sampling: Sampling, seen: Tensor | None,
     logits = logits.float()
     if sampling.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    if sampling.temperature == 0.0:
+    if sampling.temperature < torch.finfo(logits.dtype).tiny:  # 0, or a temperature float32 reads as 0
         return logits.argmax(-1)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    logits = filter_logits(scale(logits, sampling.temperature), sampling.top_k, sampling.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
