@@ -199,6 +199,50 @@ def test_resuming_on_changed_training_text_is_refused(tmp_path, capsys):
     assert train_recipe(recipe(tmp_path, run, steps=8), fresh=True).step == 8
 
 
+def labelled_and_image_recipes(tmp: Path) -> list[tuple[dict, Path, callable]]:
+    """(recipe, data file, how to change the file) for a sentence classifier and an image classifier."""
+    import numpy as np
+
+    tsv = tmp / "labelled.tsv"
+    tsv.write_text("label\ttext\n" + "".join(f"{'pos' if i % 2 else 'neg'}\tthe film was {'good' if i % 2 else 'bad'} "
+                                              f"{i}\n" for i in range(40)), encoding="utf-8")
+    rng = np.random.default_rng(0)
+    npz = tmp / "images.npz"
+    np.savez(npz, images=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), labels=np.arange(40) % 2)
+    training = {"max_steps": 2, "batch_size": 4, "eval_every": 2, "warmup_steps": 1, "device": "cpu"}
+    bert = {"task": "classification", "run_dir": str(tmp / "bert"), "training": training,
+            "model": {"preset": "bert-tiny", "n_layers": 1, "d_model": 16, "n_heads": 2, "context_length": 16},
+            "tokenizer": {"kind": "bpe", "vocab_size": 280, "special_tokens": ["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                               "[MASK]"]},
+            "data": {"source": str(tsv)}}
+    vit = {"task": "image_classification", "run_dir": str(tmp / "vit"), "training": training,
+           "model": {"preset": "vit-digits", "n_layers": 1, "d_model": 16, "n_heads": 2},
+           "data": {"source": str(npz), "val_fraction": 0.2, "test_fraction": 0.2}}
+
+    def relabel_tsv() -> None:
+        tsv.write_text(tsv.read_text(encoding="utf-8").replace("pos\t", "POS\t", 1).replace("POS\t", "neg\t"),
+                       encoding="utf-8")
+
+    def brighten_npz() -> None:
+        data = dict(np.load(npz))
+        data["images"][0] = 255 - data["images"][0]
+        np.savez(npz, **data)
+
+    return [(bert, tsv, relabel_tsv), (vit, npz, brighten_npz)]
+
+
+def test_resuming_on_changed_labelled_or_image_data_is_refused(tmp_path):
+    for spec, _, change in labelled_and_image_recipes(tmp_path):
+        run = Path(spec["run_dir"])
+        train_recipe(recipe_from_dict(spec))
+        change()
+        before = digest(run)
+        longer = {**spec, "training": {**spec["training"], "max_steps": 4}}
+        with pytest.raises(ConfigError, match="training data .* changed .*--fresh"):
+            train_recipe(recipe_from_dict(longer))
+        assert digest(run) == before, spec["task"]
+
+
 # -- 5. metrics and samples on resume -----------------------------------------------------------
 
 def test_resume_rewinds_samples_and_repairs_a_torn_metrics_line(tmp_path, caplog):

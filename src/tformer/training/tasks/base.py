@@ -14,6 +14,8 @@ A task module (one per task: causal_lm, seq2seq, ...) defines
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -129,3 +131,14 @@ def shard_rows(tensors: dict[str, Tensor], shard: int, n_shards: int) -> dict[st
     """Rows [shard R, (shard + 1) R) of every tensor, R = rows / n_shards."""
     rows = next(iter(tensors.values())).shape[0] // n_shards
     return {k: v[shard * rows:(shard + 1) * rows] for k, v in tensors.items()}
+
+
+def data_fingerprint(parts: Iterable[str | bytes | np.ndarray]) -> dict[str, str]:
+    """The run-record note that ties a run to its training data (texts, labels, pixel arrays): a
+    resume on other data is refused (training.recipe checks `data_sha256`)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part.tobytes() if isinstance(
+            part, np.ndarray) else bytes(part)
+        digest.update(hashlib.sha256(data).digest())
+    return {"data_sha256": digest.hexdigest()}

@@ -36,7 +36,7 @@ from tformer.data.labelled import (
 from tformer.metrics.classification import classification_metrics, plot_confusion
 from tformer.models.protocols import TextClassifier
 from tformer.training.settings import TaskSettings
-from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,9 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
         max_length = input_length(data.max_length, model.config.context_length)  # type: ignore[union-attr]
         return _task(settings, tokenizer, labels, max_length, train, val)
 
+    fingerprint = data_fingerprint([*train.texts, *train.labels, *val.texts, *val.labels])
     return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size, "head": "sequence", "labels": labels},
-                    make_task)
+                    make_task, notes=fingerprint)
 
 
 def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from tformer.metrics.classification import classification_metrics, plot_confusio
 from tformer.models.protocols import ImageClassifier
 from tformer.models.vit import normalise
 from tformer.training.settings import TaskSettings
-from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,9 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     fields = {"image_size": height, "channels": channels, "n_classes": len(train.label_names),
               "labels": train.label_names}
     t = settings.training
+    fingerprint = data_fingerprint([train.images, train.labels, val.images, val.labels])
     return TaskData(None, fields, lambda model: ImageClassificationTask(
-        train, val, batch_size=t.batch_size, seed=t.seed, data=data))
+        train, val, batch_size=t.batch_size, seed=t.seed, data=data), notes=fingerprint)
 
 
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> tuple[np.ndarray, float]:

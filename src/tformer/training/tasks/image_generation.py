@@ -30,7 +30,7 @@ from tformer.metrics.images import ImageJudge, per_pixel_baseline
 from tformer.models.image_gen import CONDITIONS, NULL, check_guidance
 from tformer.models.protocols import ImageSampler
 from tformer.training.settings import TaskSettings
-from tformer.training.tasks.base import Batch, EpochSampler, TaskData, eval_shards, shard_rows
+from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
                                    val_tokens=palette.quantise(val.images), batch_size=t.batch_size,
                                    seed=t.seed, data=data, run_dir=Path(settings.run_dir), tokenizer=tokenizer)
 
-    return TaskData(tokenizer, fields, make_task)
+    fingerprint = data_fingerprint([train.images, train.labels, val.images, val.labels])
+    return TaskData(tokenizer, fields, make_task, notes=fingerprint)
 
 
 def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[str, Any]:

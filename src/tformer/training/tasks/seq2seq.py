@@ -26,7 +26,7 @@ from tformer.inference.translate import translate
 from tformer.models.protocols import ConditionalDecoder
 from tformer.tokenizers.base import Tokenizer
 from tformer.training.settings import TaskSettings
-from tformer.training.tasks.base import Batch, TaskData
+from tformer.training.tasks.base import Batch, TaskData, data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
 
     fields = {"vocab_size": tokenizer.vocab_size, "pad_id": special["<pad>"], "bos_id": special["<bos>"],
               "eos_id": special["<eos>"]}
-    return TaskData(tokenizer, fields, make_task)
+    fingerprint = data_fingerprint(text for i in (*train, *valid) for text in pairs[i])
+    return TaskData(tokenizer, fields, make_task, notes=fingerprint)
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
