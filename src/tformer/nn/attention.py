@@ -12,7 +12,7 @@ from tformer.nn.attend import ScoreBias, get_backend
 from tformer.nn.kv_cache import CrossKV, LayerKV
 from tformer.nn.masks import Mask
 from tformer.nn.position import apply_rotary
-from tformer.nn.probe import QKProbe
+from tformer.nn.probe import QKProbe, ValueProbe
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +46,8 @@ class MultiHeadAttention(nn.Module):
     `d_context` to build cross-attention instead (queries from x, keys/values from a context).
     `qkv_bias` covers the q, k, v projections, `out_bias` the output projection (ViT checkpoints
     without qkv bias keep the output one; Llama-style models drop both). Queries and keys pass
-    through `self.qk` (a `QKProbe`) just before the scores: hook it to read them.
+    through `self.qk` (a `QKProbe`) just before the scores, values through `self.values`: hook
+    them to read them.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
@@ -72,6 +73,7 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = qk_norm(self.head_dim) if qk_norm else nn.Identity()
         self.qk = QKProbe()
+        self.values = ValueProbe()
         self.dropout = dropout
         self.backend = backend
         self.attend = get_backend(backend)
@@ -120,6 +122,7 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v, q_offset = self._project_self(x, inputs)
         q, k = self.qk(q, k)  # hook point: the queries and keys the scores are made of
+        v = self.values(v)  # hook point: the values the weights average
         if self.n_kv_heads != self.n_heads:  # grouped-query: each KV head serves a group of q heads
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)

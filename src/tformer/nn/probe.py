@@ -1,4 +1,4 @@
-"""A pass-through module that makes tensors inside a forward visible to forward hooks."""
+"""Pass-through modules that make tensors inside a forward visible to forward hooks."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ class QKProbe(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return q, k
+
+
+class ValueProbe(nn.Module):
+    """Returns v unchanged. Every attention module passes its values through one, named `values`,
+    right after its `qk` probe: v: (B, H_kv, K, D), before grouped-query heads are repeated. With
+    the gradient of the attention output it gives the gradient of the attention weights
+    (dL/dA = dL/dO · vᵀ) on any backend (gradient-weighted attention rollout). No parameters."""
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tformer.nn.attend import ScoreBias, get_backend
 from tformer.nn.masks import Mask
 from tformer.nn.position import sinusoid_table
-from tformer.nn.probe import QKProbe
+from tformer.nn.probe import QKProbe, ValueProbe
 
 BACKENDS = ("sdpa", "flex", "eager", "reference")
 
@@ -133,7 +133,7 @@ class RelativeInputs:
 class RelativeMultiHeadAttention(nn.Module):
     """Multi-head self-attention over [memory; x] with relative positions (no projection biases,
     as in the paper). forward(x (B, T, d), RelativeInputs) -> (B, T, d). Queries and keys pass
-    through `self.qk` (a `QKProbe`) before the scores: hook it to read them."""
+    through `self.qk` (a `QKProbe`) before the scores, values through `self.values`."""
 
     def __init__(self, d_model: int, n_heads: int, *, dropout: float = 0.0,
                  backend: str = "sdpa") -> None:
@@ -152,6 +152,7 @@ class RelativeMultiHeadAttention(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(d_model))
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.qk = QKProbe()
+        self.values = ValueProbe()
         self.dropout, self.backend = dropout, backend
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -169,6 +170,7 @@ class RelativeMultiHeadAttention(nn.Module):
         """x: (B, T, d) -> (B, T, d); see `RelativeInputs` for the rest."""
         q, k, v = self._project(x, inputs.memory)
         q, k = self.qk(q, k)  # hook point: the queries and keys of the content term
+        v = self.values(v)  # hook point: the values the weights average
         K = k.shape[2]
         if inputs.pos.shape[0] != K:
             raise ValueError(f"pos has {inputs.pos.shape[0]} rows, expected one per key ({K})")
