@@ -7,14 +7,14 @@ The oracle is the eager path itself: each attention's `attend` is replaced (in t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-import tformer.nn.relative as relative
 from tformer.analysis import attention_maps, attention_sites
 from tformer.analysis.attention import capture_attention
 from tformer.models.bert import Bert, BertConfig
@@ -24,12 +24,13 @@ from tformer.models.record import model_record
 from tformer.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from tformer.models.transformer_xl import TransformerXL, TransformerXLConfig
 from tformer.models.vit import ViT, ViTConfig
+from tformer.nn import relative
 from tformer.nn.attend import eager_attention
 from tformer.nn.attention import MultiHeadAttention
 from tformer.nn.relative import RelativeMultiHeadAttention
 from tformer.runs import checkpoint, open_run
 
-BACKENDS = ("sdpa", "flex", "eager")
+BACKENDS = ("sdpa", pytest.param("flex", marks=pytest.mark.slow), "eager")  # flex compiles kernels
 B, T = 2, 6
 
 
@@ -79,7 +80,8 @@ def left_padded(n_pad: int = 2) -> Tensor:
 
 def gpt(backend: str, **overrides: Any) -> GPT:
     torch.manual_seed(0)
-    values = dict(vocab_size=40, context_length=16, n_layers=2, n_heads=4, d_model=32, dropout=0.0)
+    values = {"vocab_size": 40, "context_length": 16, "n_layers": 2, "n_heads": 4, "d_model": 32,
+              "dropout": 0.0}
     return GPT(GPTConfig(**{**values, **overrides, "attn_backend": backend})).eval()
 
 
@@ -264,10 +266,10 @@ def test_capture_reads_any_call_and_takes_its_hooks_away():
 
 
 @pytest.mark.parametrize("build, kwargs, message", [
-    (gpt, dict(layers=[2]), "layer 2 is out of range: self attention has layers 0..1"),
-    (gpt, dict(heads=[4]), "head 4 is out of range: the attention has heads 0..3"),
-    (gpt, dict(kinds=["cross"]), "this model has no cross-attention; its attention kinds are ('self',)"),
-    (seq2seq, dict(kinds=["encoder"], layers=[2]), "layer 2 is out of range: encoder attention has layers 0..1"),
+    (gpt, {"layers": [2]}, "layer 2 is out of range: self attention has layers 0..1"),
+    (gpt, {"heads": [4]}, "head 4 is out of range: the attention has heads 0..3"),
+    (gpt, {"kinds": ["cross"]}, "this model has no cross-attention; its attention kinds are ('self',)"),
+    (seq2seq, {"kinds": ["encoder"], "layers": [2]}, "layer 2 is out of range: encoder attention has layers 0..1"),
 ])
 def test_bad_choices_are_one_line_naming_the_valid_range(build, kwargs, message):
     model = build("sdpa")

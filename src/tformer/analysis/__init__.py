@@ -1,8 +1,11 @@
 """Explaining trained models: attention maps from any backend, attention rollout (plain and
-gradient-weighted). Rank 8: uses models, runs, inference and nn; never training or cli."""
+gradient-weighted), integrated gradients. Rank 8: uses models, runs, inference and nn; never
+training or cli."""
 
 from tformer.analysis.attention import AttentionMaps, attention_maps, attention_sites, capture_attention
+from tformer.analysis.attribution import Attribution, integrated_gradients
+from tformer.analysis.rollout import (Relevance, explain_classifier, explain_generation, gradient_rollout,
+                                      rollout)
 
-# integrated gradients (tformer.analysis.attribution): from tformer.analysis.attribution import Attribution, integrated_gradients
-
-__all__ = ["AttentionMaps", "attention_maps", "attention_sites", "capture_attention"]
+__all__ = ["AttentionMaps", "Attribution", "Relevance", "attention_maps", "attention_sites", "capture_attention",
+           "explain_classifier", "explain_generation", "gradient_rollout", "integrated_gradients", "rollout"]

@@ -261,5 +261,12 @@ def attention_maps(model: Callable[..., Any], *inputs: Any, layers: Sequence[int
     return maps
 
 
-__all__ = ["AttentionMaps", "KINDS", "attention_maps", "attention_sites", "capture_attention",
-           "masked_softmax", "module_of"]
+__all__ = [
+    "KINDS",
+    "AttentionMaps",
+    "attention_maps",
+    "attention_sites",
+    "capture_attention",
+    "masked_softmax",
+    "module_of",
+]
