@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.inference.generate import evaluating
 from tformer.models.protocols import (CausalLM, ConditionalDecoder, ImageClassifier, MemoryLM,
                                       TextClassifier, can)
 
@@ -294,17 +295,6 @@ def replaced(site: Site, value: Tensor) -> Iterator[None]:
         handle.remove()
 
 
-@contextmanager
-def evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) within the block; the model's mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 # -- integrated gradients -----------------------------------------------------------------------------------
 
 def quadrature(n_steps: int, method: str) -> tuple[list[float], list[float]]:
@@ -403,7 +393,7 @@ def integrated_gradients(explained: Explained, baseline: Tensor | str = "zeros",
     alphas, weights = quadrature(n_steps, method)
     if steps_per_chunk is not None and (not isinstance(steps_per_chunk, int) or steps_per_chunk < 1):
         raise ValueError(f"steps_per_chunk must be an integer >= 1, got {steps_per_chunk!r}")
-    with evaluation(explained.model):
+    with evaluating(explained.model):
         site = find_embedding(explained)
         x_emb = site.output  # (B, N, D)
         b_emb = baseline_embedding(explained, site, baseline)  # (B, N, D)
