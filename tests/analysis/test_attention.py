@@ -34,12 +34,7 @@ BACKENDS = ("sdpa", pytest.param("flex", marks=pytest.mark.slow), "eager")  # fl
 B, T = 2, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @contextmanager

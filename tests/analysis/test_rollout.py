@@ -21,12 +21,7 @@ from tformer.nn.attention import MultiHeadAttention
 B, T = 2, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def bert(backend: str = "sdpa", pooling: str = "cls") -> Bert:

@@ -15,13 +15,7 @@ from tformer.tokenizers import BPETokenizer
 SOURCES = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [16, 17, 18, 19, 20], [7, 7], [30, 31, 32, 33]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are bound by per-op overhead: on a busy machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(vocab: int = 40, **overrides) -> Seq2Seq:

@@ -14,13 +14,7 @@ from tformer.nn import KVCache
 V, D, H, FF = 37, 32, 4, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are bound by per-op overhead: on a busy machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> Seq2Seq:

@@ -21,13 +21,7 @@ WORDS = {"eins": "one", "zwei": "two", "drei": "three", "vier": "four", "fünf":
          "sechs": "six", "sieben": "seven", "acht": "eight"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are bound by per-op overhead: on a busy machine a second thread only waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def random_split(n: int, seed: int) -> EncodedSplit:
