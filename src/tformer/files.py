@@ -137,6 +137,17 @@ def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = None)
         json.dump(data, f, ensure_ascii=False, indent=indent)
 
 
+def write_figure_atomic(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """Save a matplotlib figure in one rename (format from the suffix) and close it either way."""
+    import matplotlib.pyplot as plt  # only callers that drew a figure get here
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, **savefig)
+    finally:
+        plt.close(fig)
+
+
 def _fsync_tree(folder: Path) -> None:
     for sub in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
         if sub.is_file():

@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from tformer.analysis.attribution import (Explained, blurred, conditional_token, find_embedding, image_class,
-                                          integrated_gradients, next_token, quadrature, text_class,
-                                          token_baseline)
+from tformer.analysis.attribution import (Explained, blurred, conditional_token, each_output_token,
+                                          find_embedding, image_class, integrated_gradients, next_token,
+                                          quadrature, text_class, token_baseline)
 from tformer.models import build_model
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4  # special ids of the toy vocabularies below
@@ -228,6 +228,23 @@ def test_bad_input_is_one_line():
         lambda: integrated_gradients(image_class(vit(), images()), images(1)))
     assert "method" in one_line_error(lambda: integrated_gradients(explained, n_steps=4, method="simpson"))
     assert "capability" in one_line_error(lambda: text_class(g, ids))
+    start = image_gen().config.bos_id  # the image generator's start token is never drawn: p = 0
+    assert "can never come next" in one_line_error(
+        lambda: conditional_token(image_gen(), torch.tensor([[2]]), torch.tensor([[start, 0, 1]]), token=start))
+
+
+def test_each_output_token_equals_one_conditional_token_per_position():
+    """A translation's every token in one batch: row t equals integrated gradients of log p(token t |
+    source, decoder input[:t + 1]) alone, and the teacher-forced batch reads nothing after t."""
+    s, src = seq2seq(), prompt(1, 40, 7)
+    decoder_input, tokens = torch.tensor([[1, 5, 6, 9]]), torch.tensor([5, 6, 9, 2])
+    together = integrated_gradients(each_output_token(s, src, decoder_input, tokens), "zeros", n_steps=16)
+    assert together.per_position.shape == (4, 7) and together.target == (5, 6, 9, 2)
+    for t in range(4):
+        alone = integrated_gradients(conditional_token(s, src, decoder_input[:, :t + 1], token=int(tokens[t]),
+                                                       position=t), "zeros", n_steps=16)
+        torch.testing.assert_close(together.per_position[t], alone.per_position[0], atol=1e-5, rtol=1e-4)
+    assert "(1, L)" in one_line_error(lambda: each_output_token(s, src, decoder_input, tokens[:3]))
 
 
 def test_training_mode_is_restored_and_dropout_is_off():

@@ -117,6 +117,16 @@ def _pick(values: Tensor, index: Tensor) -> Tensor:
     return values.gather(1, _repeat(index, values.shape[0]).unsqueeze(1)).squeeze(1)
 
 
+def _check_possible(log_probs: Tensor, index: Tensor) -> None:
+    """A token the model can never produce here (log p = -inf, e.g. an image generator's start
+    token) has no finite score to attribute."""
+    picked = _pick(log_probs, index)
+    if not torch.isfinite(picked).all():
+        token = int(index[int((~torch.isfinite(picked)).nonzero()[0])])
+        raise ValueError(f"token {token} can never come next here (the model gives it probability 0); "
+                         "explain a token the model can produce")
+
+
 def _lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
     """A CausalLM's or MemoryLM's next-token logits (B, T, V) on fresh state."""
     out = model(ids)
@@ -133,8 +143,9 @@ def next_token(model: nn.Module, ids: Tensor, token: int | None = None, position
     if not -ids.shape[1] <= position < ids.shape[1]:
         raise ValueError(f"position {position} is outside the prompt of {ids.shape[1]} tokens")
     with torch.no_grad():
-        predicted = _lm_logits(model, ids)[:, position].argmax(-1)  # (B,)
-    index = _targets(token, predicted, None, model.config.vocab_size)
+        log_probs = F.log_softmax(_lm_logits(model, ids)[:, position].float(), -1)  # (B, V)
+    index = _targets(token, log_probs.argmax(-1), None, model.config.vocab_size)
+    _check_possible(log_probs, index)
 
     def score(x: Tensor) -> Tensor:
         return _pick(F.log_softmax(_lm_logits(model, x)[:, position].float(), -1), index)
@@ -192,15 +203,40 @@ def conditional_token(model: nn.Module, condition: Tensor, prefix: Tensor, token
         return model.bind(cond)(pre)[:, position].float()
 
     with torch.no_grad():
-        predicted = logits(condition, prefix).argmax(-1)
-    vocab = logits(condition[:1], prefix[:1]).shape[-1] if token is not None else None
-    index = _targets(token, predicted, None, vocab)
+        log_probs = F.log_softmax(logits(condition, prefix), -1)  # (B, V)
+    index = _targets(token, log_probs.argmax(-1), None, log_probs.shape[-1])
+    _check_possible(log_probs, index)
     if side == "condition":
         score = lambda x: _pick(F.log_softmax(logits(x, _repeat(prefix, x.shape[0])), -1), index)
     else:
         score = lambda x: _pick(F.log_softmax(logits(_repeat(condition, x.shape[0]), x), -1), index)
     inputs = condition if side == "condition" else prefix
     return Explained(model, inputs, score, tuple(index.tolist()), f"log p(token) at position {position}")
+
+
+def each_output_token(model: nn.Module, condition: Tensor, decoder_input: Tensor, tokens: Tensor) -> Explained:
+    """Every output token of one conditional decoding at once: example t is log p(tokens[t] |
+    condition, decoder_input[:t + 1]), attributed to the condition (e.g. a translation's source).
+    condition: (1, L); decoder_input: (1, T), <bos> then tokens[:-1]; tokens: (T,). The same
+    numbers as T `conditional_token` calls, in one batch of T rows (teacher forcing: the causal
+    mask keeps position t from reading later inputs)."""
+    if not can(model, ConditionalDecoder):
+        raise ValueError("each_output_token needs an encoder-decoder (ConditionalDecoder capability)")
+    T = decoder_input.shape[-1]
+    if condition.dim() != 2 or condition.shape[0] != 1 or decoder_input.shape != (1, T) or tokens.shape != (T,):
+        raise ValueError(f"give one condition (1, L), its decoder input (1, T) and the T tokens it predicts; "
+                         f"got {tuple(condition.shape)}, {tuple(decoder_input.shape)}, {tuple(tokens.shape)}")
+
+    def log_probs(x: Tensor) -> Tensor:  # (R, L) conditions, row r explains token r % T -> (R, V)
+        rows = torch.arange(x.shape[0], device=x.device)
+        logits = model.bind(x)(decoder_input.expand(x.shape[0], -1))  # (R, T, V)
+        return F.log_softmax(logits[rows, rows % T].float(), -1)
+
+    with torch.no_grad():
+        _check_possible(log_probs(condition.expand(T, -1)), tokens)
+    score = lambda x: _pick(log_probs(x), tokens)
+    return Explained(model, condition.expand(T, -1).contiguous(), score, tuple(tokens.tolist()),
+                     "log p(each output token)")
 
 
 # -- baselines ------------------------------------------------------------------------------------------
@@ -408,5 +444,5 @@ def integrated_gradients(explained: Explained, baseline: Tensor | str = "zeros",
 
 
 __all__ = ["METHODS", "Attribution", "Explained", "Site", "baseline_embedding", "blurred",
-           "conditional_token", "find_embedding", "image_class", "integrated_gradients", "next_token",
+           "conditional_token", "each_output_token", "find_embedding", "image_class", "integrated_gradients", "next_token",
            "path_bytes", "quadrature", "text_class", "token_baseline"]

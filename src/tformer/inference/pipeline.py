@@ -97,7 +97,7 @@ class Pipeline:
         if self.run.can(TextClassifier):
             logits = self._text_logits([self._as_text(x) for x in inputs])
         elif self.run.can(ImageClassifier):
-            logits = self._image_logits([self._as_image(x) for x in inputs])
+            logits = self._image_logits([self.as_image(x) for x in inputs])
         else:
             raise self.refuse("classify")
         probabilities = torch.softmax(logits.float(), dim=-1).numpy()
@@ -115,7 +115,7 @@ class Pipeline:
             raise ValueError("an input is empty: give a sentence to classify")
         return x
 
-    def _as_image(self, x: Any) -> np.ndarray:
+    def as_image(self, x: Any) -> np.ndarray:
         """An (H, W, C) uint8 image with the model's size and channels."""
         height, width, channels = self.model.image_shape  # type: ignore[attr-defined]
         if isinstance(x, (str, Path)):

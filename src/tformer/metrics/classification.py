@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tformer.files import atomic_path
+from tformer.files import write_figure_atomic
 
 
 def classification_metrics(truth: np.ndarray, predicted: np.ndarray, n_labels: int) -> dict[str, Any]:
@@ -46,8 +46,4 @@ def plot_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path, tit
         ax.text(j, i, str(count), ha="center", va="center",
                 color="white" if count > confusion.max() / 2 else "black")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    write_figure_atomic(fig, path)

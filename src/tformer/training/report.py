@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from tformer.files import atomic_path, write_text_atomic
+from tformer.files import write_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
+    write_figure_atomic(fig, png_path)
 
 
 class Reporter:
