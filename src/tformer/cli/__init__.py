@@ -3,6 +3,7 @@
 
     arguments      the parser (one-line usage errors), bounded argument types, recipe names
     run_commands   train, generate, translate, predict, evaluate
+    explain_command  explain (figures and an HTML page per input)
     tool_commands  import, tokenizer train, data list / fetch, demo
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from tformer import __version__
 from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
+from tformer.cli.explain_command import add_explain_command
 from tformer.cli.run_commands import (
     INTERRUPTED,
     cmd_evaluate,
@@ -86,7 +88,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
-    """generate, translate, predict, evaluate: options may come before or after the inputs."""
+    """generate, translate, predict, evaluate, explain: options may come before or after the inputs."""
     p = sub.add_parser("generate", help="stream text from a trained run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", default=None, help="text to continue (default: a new line); for an image "
@@ -145,6 +147,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
                    "every token a full context, slowly)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
+    add_explain_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
