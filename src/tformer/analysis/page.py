@@ -120,9 +120,12 @@ def _shade(value: float, scale: float) -> str:
 
 
 def _tokens_html(tokens: Sequence[str], values: np.ndarray) -> str:
-    scale = float(np.nanmax(np.abs(values))) if len(values) else 0.0
-    spans = (f'<span class="tok" style="background:{_shade(v, scale)}" title="{_e(t)}: {v:+.4g}">{_e(t)}</span>'
-             for t, v in zip(tokens, values.tolist()))
+    """Signed scores coloured by |score| / max |score|; shares (all >= 0, e.g. rollout, where
+    every token keeps some of itself) from the smallest to the largest, or all would look alike."""
+    shown = values - np.nanmin(values) if len(values) and np.nanmin(values) >= 0 else values
+    scale = float(np.nanmax(np.abs(shown))) if len(values) else 0.0
+    spans = (f'<span class="tok" style="background:{_shade(c, scale)}" title="{_e(t)}: {v:+.4g}">{_e(t)}</span>'
+             for t, v, c in zip(tokens, values.tolist(), shown.tolist()))
     return f'<div class="tokens">{"".join(spans)}</div>'
 
 
@@ -164,6 +167,8 @@ def _attributions_html(e: Explanation, figures: dict[str, Path]) -> str:
         if e.rows is not None:
             parts.append(_matrix_html(values, e.rows, e.positions))
         elif e.grid is None:
+            if len(values) and np.nanmin(values) >= 0:
+                parts.append('<p class="note">shares, all &ge; 0: coloured from the smallest to the largest</p>')
             parts.append(_tokens_html(e.positions, values))
     if e.grid is not None and "attributions" in figures:
         parts.append(_image_tag(figures["attributions"], "attributions over the image"))
