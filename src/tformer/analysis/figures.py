@@ -50,9 +50,13 @@ def _over_image(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, focus:
     `focus` cell (row-major), if any, outlined in green."""
     ax.imshow(image.mean(-1) if image.shape[-1] == 3 else image[..., 0], cmap="gray",
               extent=(0, 1, 1, 0))
-    scale = np.nanmax(np.abs(heat)) if np.isfinite(heat).any() else 1.0
-    ax.imshow(heat, cmap="bwr", vmin=-scale or -1, vmax=scale or 1, alpha=0.55, extent=(0, 1, 1, 0),
-              interpolation="nearest")
+    finite = heat[np.isfinite(heat)]
+    if finite.size and finite.min() >= 0:  # shares (rollout): the smallest to the largest, in reds
+        colours = dict(cmap="Reds", vmin=finite.min(), vmax=finite.max())
+    else:
+        scale = float(np.abs(finite).max()) if finite.size else 1.0
+        colours = dict(cmap="bwr", vmin=-scale or -1, vmax=scale or 1)
+    ax.imshow(heat, alpha=0.55, extent=(0, 1, 1, 0), interpolation="nearest", **colours)
     if focus is not None:
         rows, cols = heat.shape
         r, c = divmod(focus, cols)

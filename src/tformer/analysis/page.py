@@ -163,6 +163,8 @@ def _attention_json(views: Sequence[AttentionView]) -> tuple[str, list[str]]:
 def _attributions_html(e: Explanation, figures: dict[str, Path]) -> str:
     parts = []
     for method, values in e.attributions.items():
+        if e.grid is not None:
+            continue  # images: one figure holds every method
         parts.append(f'<div class="method">{_e(method)}</div>')
         if e.rows is not None:
             parts.append(_matrix_html(values, e.rows, e.positions))
