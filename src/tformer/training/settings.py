@@ -10,6 +10,7 @@ from typing import Any
 from tformer.config import ConfigError, check_choice, check_finite, check_fraction, check_positive
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ADVERSARIAL = ("none", "pgd", "embedding")
 DEFAULT_WARMUP = 100  # steps of linear warm-up when a recipe names none (capped at max_steps)
 
 
@@ -36,6 +37,14 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"
+    # Adversarial training (classification tasks): "none"; "pgd" (images: an L-inf PGD attack in
+    # pixel space, [0, 1] kept); "embedding" (text: a perturbation of the token embeddings, FreeLB /
+    # PGD-style). The loss is (1 - weight) * clean + weight * adversarial.
+    adversarial: str = "none"
+    adversarial_epsilon: float = 0.1  # L-inf radius (pixels in [0, 1]; embeddings: per dimension)
+    adversarial_steps: int = 3  # attack steps per training step
+    adversarial_step_size: float | None = None  # None: 2.5 * epsilon / steps
+    adversarial_weight: float = 1.0  # share of the adversarial loss in the training loss
 
     def __post_init__(self) -> None:
         for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
@@ -51,6 +60,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_positive(f"training.{name}", getattr(self, name), allow_zero=name == "min_lr")
         self._check_warmup()
+        self._check_adversarial()
         check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size % self.grad_accum:
@@ -67,6 +77,26 @@ class TrainConfig:
             raise ConfigError(f"training.warmup_steps ({self.warmup_steps}) is longer than the run "
                               f"(training.max_steps={self.max_steps}): the learning rate would never "
                               f"reach training.lr; set training.warmup_steps <= {self.max_steps}")
+
+    def _check_adversarial(self) -> None:
+        check_choice("training.adversarial", self.adversarial, ADVERSARIAL)
+        check_finite("training.adversarial_epsilon", self.adversarial_epsilon)
+        check_positive("training.adversarial_epsilon", self.adversarial_epsilon)
+        check_positive("training.adversarial_steps", self.adversarial_steps)
+        check_finite("training.adversarial_weight", self.adversarial_weight)
+        if not 0.0 <= self.adversarial_weight <= 1.0:
+            raise ConfigError(f"training.adversarial_weight must be in [0, 1] (the adversarial loss's share), "
+                              f"got {self.adversarial_weight}")
+        if self.adversarial_step_size is not None:
+            check_finite("training.adversarial_step_size", self.adversarial_step_size)
+            check_positive("training.adversarial_step_size", self.adversarial_step_size)
+
+    @property
+    def adversarial_step(self) -> float:
+        """The attack's step size: as given, else 2.5 * epsilon / steps (Madry et al.)."""
+        if self.adversarial_step_size is not None:
+            return self.adversarial_step_size
+        return 2.5 * self.adversarial_epsilon / self.adversarial_steps
 
     @property
     def final_lr(self) -> float:
