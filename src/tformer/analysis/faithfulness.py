@@ -109,7 +109,7 @@ def _frame(real: Tensor) -> Tensor:
     return (index == first.unsqueeze(1)) | (index == last.unsqueeze(1))
 
 
-def _full_baseline(baseline: Tensor | int | float, inputs: Tensor, what: str) -> Tensor:
+def _full_baseline(baseline: Tensor | float, inputs: Tensor, what: str) -> Tensor:
     """A scalar, or a tensor shaped like the inputs (batch B or 1) -> (B, ...) like the inputs."""
     if not isinstance(baseline, Tensor):
         return torch.full_like(inputs, baseline)
@@ -177,7 +177,7 @@ def image_positions(model: nn.Module, images: Tensor, n_positions: int, baseline
 
 
 def positions_of(model: nn.Module, inputs: Tensor, mask: Tensor | None, n_positions: int,
-                 baseline: Tensor | int | float) -> Positions:
+                 baseline: Tensor | float) -> Positions:
     if can(model, TextClassifier):
         return text_positions(model, inputs, mask, baseline)
     if can(model, ImageClassifier):
@@ -223,7 +223,7 @@ def _check(ranking: Tensor, inputs: Tensor, steps: int, rows_per_forward: int) -
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def perturbation_curves(model: nn.Module, inputs: Tensor, ranking: Tensor, baseline: Tensor | int | float, *,
+def perturbation_curves(model: nn.Module, inputs: Tensor, ranking: Tensor, baseline: Tensor | float, *,
                         mask: Tensor | None = None, steps: int = 20, target: Tensor | None = None,
                         rows_per_forward: int = 256) -> Curves:
     """Deletion and insertion curves (see the module docstring) of `ranking` (B, N), higher =
