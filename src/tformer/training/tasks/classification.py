@@ -5,6 +5,12 @@ Validation is a stratified hold-out; with `data.fold=K` fold K of a stratified k
 the test split `evaluate` scores, and validation is carved out of the other folds. `evaluate`
 reports accuracy and macro F1 and writes a confusion-matrix PNG into the run directory. The label names
 are part of the model's config, so they are stored with every checkpoint of the run.
+
+Adversarial training (`training.adversarial: embedding`): each training batch's loss is
+(1 - w) * clean + w * the loss with an L-inf perturbation of the content tokens' embeddings
+(`attacks.embedding.pgd_embeddings`, found in eval mode against the current weights, FreeLB /
+Madry-style); validation stays clean. Its random start is a pure function of (seed, step,
+shard), so a resumed run makes the same perturbations. `pgd` (pixels) is for image classifiers.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.attacks.embedding import adversarial_loss, find_token_embedding, pgd_embeddings
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
 from tformer.data.labelled import (
     FORMATS,
@@ -35,7 +42,7 @@ from tformer.data.labelled import (
 )
 from tformer.metrics.classification import classification_metrics, plot_confusion
 from tformer.models.protocols import TextClassifier
-from tformer.training.settings import TaskSettings
+from tformer.training.settings import TaskSettings, TrainConfig
 from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
 
 log = logging.getLogger(__name__)
@@ -92,7 +99,8 @@ class ClassificationTask:
 
     def __init__(self, train_rows: list[np.ndarray], train_labels: np.ndarray, val_rows: list[np.ndarray],
                  val_labels: np.ndarray, *, pad_id: int, batch_size: int, seed: int,
-                 label_names: tuple[str, ...] = (), val_texts: tuple[str, ...] = ()) -> None:
+                 label_names: tuple[str, ...] = (), val_texts: tuple[str, ...] = (),
+                 adversary: TrainConfig | None = None) -> None:
         if not train_rows or not val_rows:
             raise ConfigError(f"classification needs training and validation examples, got "
                               f"{len(train_rows)} and {len(val_rows)}")
@@ -102,6 +110,7 @@ class ClassificationTask:
         self.label_names, self.val_texts = label_names, val_texts
         self.lengths = np.array([len(r) for r in train_rows])
         self.sampler = EpochSampler(len(train_rows), batch_size, seed, order=self.epoch_order)
+        self.adversary = adversary if adversary is not None and adversary.adversarial == "embedding" else None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order of the training examples in `epoch` (a permutation, length-bucketed)."""
@@ -114,13 +123,15 @@ class ClassificationTask:
             pieces.extend(batches[j] for j in rng.permutation(len(batches)))
         return np.concatenate(pieces)
 
-    def _batch(self, rows: list[np.ndarray], labels: Tensor) -> Batch:
+    def _batch(self, rows: list[np.ndarray], labels: Tensor, attack_seed: int | None = None) -> Batch:
         ids, mask = pad_rows(rows, self.pad_id)
-        return Batch({"ids": ids, "attention_mask": mask, "labels": labels}, len(rows), int(mask.sum()))
+        return Batch({"ids": ids, "attention_mask": mask, "labels": labels}, len(rows), int(mask.sum()),
+                     context=attack_seed)
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
         index = self.sampler.shard(step, shard, n_shards)
-        return self._batch([self.train_rows[i] for i in index], self.train_labels[index])
+        attack_seed = int(np.random.default_rng([self.seed, step, shard, 1]).integers(2**62))
+        return self._batch([self.train_rows[i] for i in index], self.train_labels[index], attack_seed)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
         """Every validation example once, in batches of similar length; each rank a share."""
@@ -129,8 +140,42 @@ class ClassificationTask:
             yield self._batch([self.val_rows[i] for i in index], self.val_labels[index])
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        logits = model(batch["ids"], attention_mask=batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"])
+        """Cross-entropy; while training with an adversary, (1 - w) * clean + w * adversarial."""
+        if self.adversary is None or not model.training:
+            logits = model(batch["ids"], attention_mask=batch["attention_mask"])
+            return F.cross_entropy(logits.float(), batch["labels"])
+        target = getattr(model, "module", model)  # DDP / compile wrappers keep the model here
+        ids, mask, labels = batch["ids"], batch["attention_mask"], batch["labels"]
+        layer = self.embedding_layer(target, ids, mask)
+        delta = self.adversarial_delta(target, batch, layer)
+        weight = self.adversary.adversarial_weight
+        loss = weight * adversarial_loss(target, ids, mask, labels, delta, layer)
+        if weight < 1:
+            logits = model(ids, attention_mask=mask)
+            loss = loss + (1 - weight) * F.cross_entropy(logits.float(), labels)
+        return loss
+
+    def embedding_layer(self, model: nn.Module, ids: Tensor, mask: Tensor) -> nn.Module:
+        """The model's token-embedding layer, probed once per model (one extra forward pass)."""
+        if getattr(self, "_embedding", (None, None))[0] is not model:
+            self._embedding = (model, find_token_embedding(model, ids, mask))
+        return self._embedding[1]
+
+    def adversarial_delta(self, model: nn.Module, batch: Batch, layer: nn.Module) -> Tensor:
+        """The embedding perturbation (B, T, D) against the current weights, found in eval mode
+        (dropout off, then back to train mode) from a random start seeded by the batch."""
+        assert self.adversary is not None
+        ids = batch["ids"]
+        generator = torch.Generator().manual_seed(batch.context or 0)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(ids.device.type, enabled=False):
+                return pgd_embeddings(model, ids, batch["attention_mask"], batch["labels"],
+                                      self.adversary.adversarial_epsilon, steps=self.adversary.adversarial_steps,
+                                      step_size=self.adversary.adversarial_step, generator=generator, layer=layer)
+        finally:
+            model.train(was_training)
 
     def predict(self, model: nn.Module) -> np.ndarray:
         """Predicted class of every validation example."""
@@ -195,7 +240,7 @@ def _task(settings: TaskSettings, tokenizer: Any, labels: tuple[str, ...], max_l
     t = settings.training
     return ClassificationTask(encode(train), label_ids(train, labels), encode(val), label_ids(val, labels),
                               pad_id=specials.pad, batch_size=t.batch_size, seed=t.seed,
-                              label_names=labels, val_texts=val.texts[:5])
+                              label_names=labels, val_texts=val.texts[:5], adversary=t)
 
 
 def input_length(max_length: int | None, context_length: int) -> int:
@@ -212,6 +257,9 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     """Tokenizer (trained on the sentences, or the init_from run's); the model takes a sequence
     head over the data's labels. Nothing is written before the data is read."""
     data: DataSpec = settings.data
+    if settings.training.adversarial == "pgd":
+        raise ConfigError("training.adversarial: pgd perturbs pixels, for image classifiers; a text classifier "
+                          "trains against token-embedding perturbations with training.adversarial=embedding")
     train, val, _ = _splits(data)
     labels = data.labels or sort_labels(set(train.labels) | set(val.labels))
     check_classes(labels, data.source)
