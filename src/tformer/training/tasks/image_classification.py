@@ -4,6 +4,11 @@ validation on a stratified share of the training images; `evaluate` scores the s
 (or a held-out share for sources without one) with accuracy, macro F1, a confusion matrix PNG and
 the inference throughput. Pixels enter the model as (x / 255 - 0.5) / 0.5, as Hugging Face's
 ViT image processor feeds them.
+
+Adversarial training (`training.adversarial: pgd`): each training batch's loss is
+(1 - w) * clean + w * the loss on PGD (L-inf, random start) images made against the current model
+in eval mode (Madry et al. 2018); validation stays clean. The attack's random start is a pure
+function of (seed, step, shard), so a resumed run makes the same adversarial images.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.attacks.image import eval_mode, pgd_images
 from tformer.config import ConfigError, check_fraction, check_positive
 from tformer.data.images import ImageSet, augment, check_image_shape, has_test_split, images_to_tensor, load_images, stratified_holdout
 from tformer.metrics.classification import classification_metrics, plot_confusion
 from tformer.models.protocols import ImageClassifier
 from tformer.models.vit import normalise
-from tformer.training.settings import TaskSettings
+from tformer.training.settings import TaskSettings, TrainConfig
 from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
 
 log = logging.getLogger(__name__)
@@ -59,16 +65,18 @@ class ImageClassificationTask:
 
     name = "image_classification"
 
-    def __init__(self, train: ImageSet, val: ImageSet, *, batch_size: int, seed: int, data: DataSpec) -> None:
+    def __init__(self, train: ImageSet, val: ImageSet, *, batch_size: int, seed: int, data: DataSpec,
+                 adversary: TrainConfig | None = None) -> None:
         self.images, self.labels = images_to_tensor(train.images), torch.from_numpy(train.labels)
         self.val_images, self.val_labels = images_to_tensor(val.images), torch.from_numpy(val.labels)
         self.batch_size, self.seed, self.data = batch_size, seed, data
         self.sampler = EpochSampler(len(self.labels), batch_size, seed)
+        self.adversary = adversary if adversary is not None and adversary.adversarial == "pgd" else None
 
     @staticmethod
-    def _batch(images: Tensor, labels: Tensor) -> Batch:
+    def _batch(images: Tensor, labels: Tensor, attack_seed: int | None = None) -> Batch:
         return Batch({"labels": labels, "images": normalise(images)}, len(labels),
-                     int(images[0, 0].numel()) * len(labels))  # pixels per channel
+                     int(images[0, 0].numel()) * len(labels), context=attack_seed)  # pixels per channel
 
     def train_batch(self, step: int, shard: int, n_shards: int) -> Batch:
         rows = self.batch_size // n_shards
@@ -76,18 +84,47 @@ class ImageClassificationTask:
         generator = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, step]).integers(2**62)))
         images = augment(self.images[index], generator, shift=self.data.shift, flip=self.data.flip)
         part = slice(shard * rows, (shard + 1) * rows)  # the whole batch is augmented: shards agree
-        return self._batch(images[part], self.labels[index][part])
+        attack_seed = int(np.random.default_rng([self.seed, step, shard, 1]).integers(2**62))
+        return self._batch(images[part], self.labels[index][part], attack_seed)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterable[Batch]:
         for index in eval_shards(len(self.val_labels), self.batch_size, rank, world_size):
             yield self._batch(self.val_images[index], self.val_labels[index])
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Cross-entropy; while training with an adversary, (1 - w) * clean + w * adversarial."""
         smoothing = self.data.label_smoothing if model.training else 0.0
-        return F.cross_entropy(model(batch["images"]).float(), batch["labels"], label_smoothing=smoothing)
+        if self.adversary is None or not model.training:
+            return F.cross_entropy(model(batch["images"]).float(), batch["labels"], label_smoothing=smoothing)
+        weight = self.adversary.adversarial_weight
+        adversarial = normalise(self.adversarial_pixels(model, batch))
+        loss = weight * F.cross_entropy(model(adversarial).float(), batch["labels"], label_smoothing=smoothing)
+        if weight < 1:
+            loss = loss + (1 - weight) * F.cross_entropy(model(batch["images"]).float(), batch["labels"],
+                                                         label_smoothing=smoothing)
+        return loss
+
+    def adversarial_pixels(self, model: nn.Module, batch: Batch) -> Tensor:
+        """PGD images in [0, 1] (B, C, H, W) against the current weights, made in eval mode (then
+        back to train mode); the unwrapped model is attacked, so DDP's reducer sees one backward."""
+        assert self.adversary is not None
+        target = unwrap(model)
+        pixels = (batch["images"] * 0.5 + 0.5).clamp(0, 1)  # undo normalise: the attack works on [0, 1]
+        generator = torch.Generator(device=pixels.device).manual_seed(batch.context or 0)
+        with eval_mode(target), torch.autocast(pixels.device.type, enabled=False):
+            return pgd_images(target, pixels, batch["labels"], self.adversary.adversarial_epsilon,
+                              steps=self.adversary.adversarial_steps, step_size=self.adversary.adversarial_step,
+                              generator=generator)
 
     def samples(self, model: nn.Module) -> list[str]:
         return []
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(getattr(model, "module", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module  # type: ignore[assignment]
+    return model
 
 
 def load_splits(data: DataSpec) -> tuple[ImageSet, ImageSet, ImageSet, str]:
@@ -121,9 +158,12 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     fields = {"image_size": height, "channels": channels, "n_classes": len(train.label_names),
               "labels": train.label_names}
     t = settings.training
+    if t.adversarial == "embedding":
+        raise ConfigError("training.adversarial: embedding perturbs token embeddings, for text classifiers; "
+                          "an image classifier trains against pixels with training.adversarial=pgd")
     fingerprint = data_fingerprint([train.images, train.labels, val.images, val.labels])
     return TaskData(None, fields, lambda model: ImageClassificationTask(
-        train, val, batch_size=t.batch_size, seed=t.seed, data=data), notes=fingerprint)
+        train, val, batch_size=t.batch_size, seed=t.seed, data=data, adversary=t), notes=fingerprint)
 
 
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> tuple[np.ndarray, float]:

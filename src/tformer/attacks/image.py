@@ -1,0 +1,264 @@
+"""FGSM and PGD (L-inf and L2) on the pixels of any `ImageClassifier`.
+
+The attack lives in the model's input space: images (N, C, H, W) with values in [0, 1], which the
+model's `classify` normalises itself. Every step is projected back onto the epsilon-ball around
+the clean image and then clamped to [0, 1] (clamping only moves a pixel towards its clean value,
+which lies in [0, 1], so the ball still holds). Gradients are taken with `torch.autograd.grad` on
+the input only: the parameters' `.grad` is never touched, and the model's train/eval mode is put
+back as it was. FGSM: Goodfellow et al. 2015; PGD with random start and restarts: Madry et al. 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.models.protocols import ImageClassifier, can
+
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack did to a batch of images.
+
+    images:                  (N, C, H, W) adversarial images in [0, 1], detached
+    success:                 (N,) bool: untargeted, the adversarial prediction is not the true label;
+                             targeted, it is the target (an already misclassified image counts as a
+                             success, so robust accuracy is 1 - success.mean())
+    clean_predictions:       (N,) classes the model gives the clean images
+    adversarial_predictions: (N,) classes it gives the adversarial images
+    forward_passes / backward_passes: counted per image (a batch of 8 through the model counts 8),
+                             so they do not depend on how the images were batched
+    """
+
+    images: Tensor
+    success: Tensor
+    clean_predictions: Tensor
+    adversarial_predictions: Tensor
+    forward_passes: int
+    backward_passes: int
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of images whose adversarial prediction is still right (untargeted attacks)."""
+        return float((~self.success).float().mean()) if len(self.success) else float("nan")
+
+
+# -- checks: one line each ---------------------------------------------------------------------
+
+
+def check_image_classifier(model: object) -> None:
+    if not can(model, ImageClassifier):
+        raise ValueError(f"{type(model).__name__} is not an image classifier (it needs labels, image_shape and "
+                         "classify(images in [0, 1])): attack a ViT classification run")
+
+
+def check_images(model: nn.Module, images: Tensor) -> None:
+    """(N, C, H, W) float images in [0, 1] of the model's size and channels."""
+    height, width, channels = model.image_shape  # type: ignore[attr-defined]
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = images.dtype if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor with values in [0, 1], got {kind}; divide uint8 pixels by 255")
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, height, width):
+        raise ValueError(f"images have shape {tuple(images.shape)}, this model takes (N, {channels}, {height}, "
+                         f"{width}) (N, channels, height, width); resize or convert them")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError("image values must be finite and in [0, 1]; scale pixels by 1/255 and clamp")
+
+
+def check_labels(model: nn.Module, images: Tensor, labels: Tensor, name: str = "labels") -> None:
+    n_classes = len(model.labels)  # type: ignore[attr-defined]
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or tuple(labels.shape) != (len(images),):
+        raise ValueError(f"{name} must be an integer tensor of shape ({len(images)},), one class index per image")
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{name} must be class indices in [0, {n_classes}), got {int(labels.min())}..{int(labels.max())}")
+
+
+def check_budget(epsilon: float, steps: int = 1, step_size: float | None = None, restarts: int = 1,
+                 norm: str = "linf") -> None:
+    if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0 (the perturbation's radius in [0, 1] pixels), got {epsilon}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    if step_size is not None and (not isinstance(step_size, (int, float)) or not math.isfinite(step_size) or step_size <= 0):
+        raise ValueError(f"step_size must be a finite number > 0 (or None for 2.5 * epsilon / steps), got {step_size}")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+# -- the pieces of a step ----------------------------------------------------------------------
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside (dropout off), each submodule's own mode restored after."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+
+
+def per_example_norm(x: Tensor) -> Tensor:
+    """(N, ...) -> (N, 1, 1, 1) L2 norms, for broadcasting over images."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def project(delta: Tensor, epsilon: float, norm: str) -> Tensor:
+    """The nearest point of the epsilon-ball (L-inf: clamp each pixel; L2: rescale the whole image)."""
+    if norm == "linf":
+        return delta.clamp(-epsilon, epsilon)
+    scale = (epsilon / per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta * scale
+
+
+def ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    """The steepest ascent direction of unit norm: sign(g) for L-inf, g / ||g||_2 for L2."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / per_example_norm(grad).clamp_min(1e-12)
+
+
+def random_start(images: Tensor, epsilon: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A random point of the ball (L-inf: uniform per pixel; L2: a random direction, radius
+    epsilon * U(0, 1)), clamped to [0, 1]."""
+    if norm == "linf":
+        delta = (torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1) * epsilon
+    else:
+        direction = torch.randn(images.shape, generator=generator, device=images.device)
+        radius = torch.rand((len(images), 1, 1, 1), generator=generator, device=images.device) * epsilon
+        delta = direction / per_example_norm(direction).clamp_min(1e-12) * radius
+    return (images + delta).clamp(0, 1)
+
+
+def attack_loss(logits: Tensor, labels: Tensor, targets: Tensor | None, reduction: str = "sum") -> Tensor:
+    """What the attack climbs: the true class's cross-entropy, or minus the target's. Summed, so each
+    image's gradient does not depend on the batch it sits in."""
+    if targets is None:
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+    return -F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
+    """d attack_loss / d x, without touching any parameter's .grad."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = attack_loss(model.classify(x), labels, targets)  # type: ignore[operator]
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def pgd_images(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, steps: int,
+               step_size: float, norm: str = "linf", random_init: bool = True, targets: Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """One PGD run on one batch, no checks, no mode switch: the adversarial images (N, C, H, W),
+    detached. Adversarial training calls this directly (the caller puts the model in eval mode)."""
+    images = images.detach()
+    x = random_start(images, epsilon, norm, generator) if random_init and epsilon > 0 else images.clone()
+    for _ in range(steps):
+        step = step_size * ascent_direction(input_gradient(model, x, labels, targets), norm)
+        x = (images + project(x + step - images, epsilon, norm)).clamp(0, 1)
+    return x.detach()
+
+
+def predictions(model: nn.Module, images: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model.classify(images).argmax(-1)  # type: ignore[operator]
+
+
+def succeeded(predicted: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
+    return predicted != labels if targets is None else predicted == targets
+
+
+# -- public attacks ----------------------------------------------------------------------------
+
+
+def fgsm(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, norm: str = "linf",
+         targets: Tensor | None = None, batch_size: int = 256) -> AttackResult:
+    """The fast gradient sign method: one step of size epsilon from the clean image (L-inf:
+    x + eps * sign(g); L2, the fast gradient method: x + eps * g / ||g||), clamped to [0, 1]."""
+    return pgd(model, images, labels, epsilon, steps=1, step_size=epsilon if epsilon > 0 else 1.0, norm=norm,
+               random_init=False, targets=targets, batch_size=batch_size)
+
+
+def pgd(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, steps: int = 10,
+        step_size: float | None = None, norm: str = "linf", random_init: bool = True, restarts: int = 1,
+        targets: Tensor | None = None, seed: int = 0, batch_size: int = 256) -> AttackResult:
+    """Projected gradient descent: `steps` signed (L-inf) or normalised (L2) gradient steps of
+    `step_size` (default 2.5 * epsilon / steps), each projected onto the epsilon-ball and [0, 1].
+
+    Untargeted it raises the true class's loss; with `targets` (N,) it lowers the target's. With
+    `restarts` > 1 each further random start attacks only the images still standing, so an image's
+    result is the first successful restart, or else the restart with the highest loss: restarts
+    never lower success. Seeded: the same call gives the same images.
+    """
+    check_image_classifier(model)
+    check_budget(epsilon, steps, step_size, restarts, norm)
+    check_images(model, images)
+    check_labels(model, images, labels)
+    if targets is not None:
+        check_labels(model, images, targets, "targets")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+    step = step_size if step_size is not None else 2.5 * epsilon / steps
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    parts, counts = [], [0, 0]
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            part = slice(start, start + batch_size)
+            part_targets = None if targets is None else targets[part]
+            parts.append(_attack_batch(model, images[part], labels[part], part_targets, epsilon, steps, step, norm,
+                                       random_init, restarts, generator, counts))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=images.device)
+        return AttackResult(images.detach().clone(), empty.bool(), empty, empty, 0, 0)
+    adversarial, clean, predicted = (torch.cat(p) for p in zip(*parts))
+    success = succeeded(predicted, labels, targets)
+    return AttackResult(adversarial, success, clean, predicted, counts[0], counts[1])
+
+
+def _attack_batch(model: nn.Module, images: Tensor, labels: Tensor, targets: Tensor | None, epsilon: float,
+                  steps: int, step: float, norm: str, random_init: bool, restarts: int,
+                  generator: torch.Generator, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(adversarial images, clean predictions, adversarial predictions) of one batch; counts
+    [forward, backward] passes per image."""
+    clean = predictions(model, images)
+    best, best_predicted = images.detach().clone(), clean.clone()
+    best_loss = torch.full((len(images),), -math.inf, device=images.device)
+    standing = torch.ones(len(images), dtype=torch.bool, device=images.device)  # not yet fooled
+    counts[0] += len(images)
+    for _ in range(restarts):
+        index = standing.nonzero().flatten()
+        if len(index) == 0:
+            break
+        sub_targets = None if targets is None else targets[index]
+        x = pgd_images(model, images[index], labels[index], epsilon, steps=steps, step_size=step, norm=norm,
+                       random_init=random_init, targets=sub_targets, generator=generator)
+        with torch.no_grad():
+            logits = model.classify(x)  # type: ignore[operator]
+        counts[0] += len(index) * (steps + 1)
+        counts[1] += len(index) * steps
+        loss = attack_loss(logits, labels[index], sub_targets, reduction="none")
+        fooled = succeeded(logits.argmax(-1), labels[index], sub_targets)
+        better = fooled | (loss > best_loss[index])  # standing images only: a success always wins
+        chosen = index[better]
+        best[chosen], best_predicted[chosen], best_loss[chosen] = x[better], logits.argmax(-1)[better], loss[better]
+        standing[index[fooled]] = False
+        if not random_init:
+            break  # a deterministic attack gives the same images again
+    return best, clean, best_predicted
+
+
+__all__ = ["AttackResult", "NORMS", "check_budget", "check_image_classifier", "check_images", "check_labels",
+           "eval_mode", "fgsm", "pgd", "pgd_images"]
