@@ -374,10 +374,13 @@ def baseline_embedding(explained: Explained, site: Site, baseline: Tensor | str)
 
 
 def path_bytes(explained: Explained, site: Site, embedded: Tensor) -> int:
-    """Bytes autograd saves for one point of the path (B rows): what a chunk's memory grows by
-    per point. Parameters are not counted (they are shared by every row)."""
+    """Bytes one point of the path (B rows) adds to a chunk's peak: what autograd saves, plus
+    twice the largest module output, which lives beside them whether saved or not (a language
+    model's (T, V) logits, and in backward their gradient of the same size, even when the score
+    reads one position). Parameters are not counted (they are shared by every row)."""
     params = {p.untyped_storage().data_ptr() for p in explained.model.parameters()}
     seen: dict[int, int] = {}
+    largest = [0]
 
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
@@ -385,10 +388,19 @@ def path_bytes(explained: Explained, site: Site, embedded: Tensor) -> int:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
+    def output_size(module: nn.Module, args: tuple, output: object) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        largest[0] = max([largest[0], *(t.nbytes for t in outputs if isinstance(t, Tensor))])
+
     point = embedded.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), replaced(site, point):
-        explained.score(explained.inputs).sum()
-    return max(sum(seen.values()), 1)
+    handles = [m.register_forward_hook(output_size) for m in explained.model.modules()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), replaced(site, point):
+            explained.score(explained.inputs).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(sum(seen.values()) + 2 * largest[0], 1)
 
 
 def _endpoint_scores(explained: Explained, site: Site, x_emb: Tensor, b_emb: Tensor) -> tuple[Tensor, Tensor]:
@@ -424,8 +436,8 @@ def integrated_gradients(explained: Explained, baseline: Tensor | str = "zeros",
     (a tensor shaped like the input: token_baseline, blurred; or "zeros": a zero embedding).
 
     steps_per_chunk: path points per forward/backward pass (None: as many as `memory_budget`
-    bytes of saved activations hold, at least one; gradients and transient buffers come on top,
-    ~1.4x on gpt-mini at 128 tokens). The model runs in eval mode, its mode restored after."""
+    bytes of per-point memory hold (`path_bytes`), at least one; the fixed cost of the model and
+    the input's own forward comes on top). The model runs in eval mode, its mode restored after."""
     alphas, weights = quadrature(n_steps, method)
     if steps_per_chunk is not None and (not isinstance(steps_per_chunk, int) or steps_per_chunk < 1):
         raise ValueError(f"steps_per_chunk must be an integer >= 1, got {steps_per_chunk!r}")
