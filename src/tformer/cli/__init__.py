@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from tformer import __version__
 from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
 from tformer.cli.explain_command import add_explain_command
+from tformer.cli.ood_command import add_ood_command
 from tformer.cli.run_commands import (
     INTERRUPTED,
     cmd_evaluate,
@@ -148,6 +149,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_evaluate)
     add_explain_command(sub)
+    add_ood_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:

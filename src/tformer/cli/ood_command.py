@@ -1,0 +1,305 @@
+"""`tformer ood RUN --in-data X --out-data Y`: how well a classifier's scores tell its own kind of
+input (X) from another (Y). Fits OOD statistics on X's training share, scores X's held-out share
+against Y with every scorer, writes summary.json, scores.png (histograms), roc.png and the fitted
+statistics to a folder of its own, and prints a table.
+
+X and Y name data tformer knows (`tformer data list`: mnist-10k, fashion-mnist, uci-sentiment,
+shakespeare, de-en-sentences, ...), an image folder (class sub-folders, or images directly), an
+.npz / IDX folder, or a text file (.tsv / .csv / .jsonl with a header, or one sentence a line).
+When X is the run's own training source, its split is the run's: statistics come from what the
+model trained on, and the scored share is the one training never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tformer.cli.arguments import finite_number, whole_number
+
+HELD_OUT = 0.2  # share of X scored when X is not the run's own source and has no test split
+SENTENCE_WORDS = 4  # a named text corpus's lines with fewer words (speaker names, headings) are skipped
+MAX_K = 100_000
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """Inputs (sentences or (N, H, W, C) uint8 images), their class indices into the model's labels
+    when the data has the same classes, and where they came from."""
+
+    inputs: Any
+    labels: np.ndarray | None
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> DataSet:
+        inputs = self.inputs[index] if isinstance(self.inputs, np.ndarray) else [self.inputs[i] for i in index]
+        return DataSet(inputs, None if self.labels is None else self.labels[index], name or self.name)
+
+    def limited(self, limit: int | None, seed: int) -> DataSet:
+        """At most `limit` examples, a seeded random sample kept in order (files are often sorted
+        by class or by work)."""
+        if limit is None or len(self) <= limit:
+            return self
+        index = np.sort(np.random.default_rng(seed).permutation(len(self))[:limit])
+        return self.subset(index, f"{self.name}, {limit} sampled")
+
+
+# -- images ----------------------------------------------------------------------------------------
+def _labels_for(names: tuple[str, ...], labels: np.ndarray, model: Any) -> np.ndarray | None:
+    return labels if tuple(names) == tuple(model.labels) else None
+
+
+def _flat_image_folder(path: Path) -> DataSet | None:
+    """A folder holding images directly (no class sub-folders): every image, unlabelled."""
+    from tformer.data.images import IMAGE_SUFFIXES, read_image
+
+    entries = list(path.iterdir())
+    files = sorted(p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files or any(p.is_dir() and not p.name.startswith(".") for p in entries):
+        return None
+    arrays = [read_image(p) for p in files]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"{path} holds images of several sizes ({sorted(shapes)[:3]}); give images of one size")
+    images = np.stack(arrays)
+    return DataSet(images if images.ndim == 4 else images[..., None], None, str(path))
+
+
+def image_splits(run: Any, source: str, seed: int) -> tuple[DataSet, DataSet]:
+    """(fit, held out) of image data X: the run's own split when X is its training source."""
+    from tformer.data.images import has_test_split, load_images, stratified_holdout
+
+    data = (run.recipe or {}).get("data", {})
+    images = load_images(source, "train")
+    labels = _labels_for(images.label_names, images.labels, run.model)
+    whole = DataSet(images.images, labels, source)
+    if has_test_split(source):
+        test = load_images(source, "test")
+        return whole, DataSet(test.images, _labels_for(test.label_names, test.labels, run.model), f"{source} test split")
+    own = data.get("source") == source and "test_fraction" in data
+    fraction, split_seed = (data["test_fraction"], data.get("split_seed", 0)) if own else (HELD_OUT, seed)
+    rest, held = stratified_holdout(images.labels, fraction, split_seed)
+    what = "the run's held-out" if own else "held-out"
+    return whole.subset(rest), whole.subset(held, f"{source} ({what} {fraction:.0%})")
+
+
+def image_set(run: Any, source: str) -> DataSet:
+    """Image data Y: its test split when it has one, else all of it."""
+    from tformer.data.images import has_test_split, load_images
+
+    path = Path(source).expanduser()
+    flat = _flat_image_folder(path) if path.is_dir() else None
+    if flat is not None:
+        return flat
+    split = "test" if has_test_split(source) else "all"
+    images = load_images(source, split)
+    return DataSet(images.images, _labels_for(images.label_names, images.labels, run.model),
+                   f"{source} {split} split" if split == "test" else source)
+
+
+# -- text --------------------------------------------------------------------------------------------
+def _dataset_kind(source: str) -> str | None:
+    from tformer.data.datasets import DATASETS
+
+    return DATASETS[source].kind if source in DATASETS else None
+
+
+def _column_lines(path: Path, column: str | None) -> list[str]:
+    """One column of a TSV / CSV file with a header: `column`, else "text", else the first."""
+    from tformer.data.labelled import split_tsv_line
+
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f)) if path.suffix.lower() == ".csv" else [split_tsv_line(line.rstrip("\r\n"))
+                                                                         for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} is empty; give a file with a header and one sentence a row")
+    header = rows[0]
+    if column is not None and column not in header:
+        raise ValueError(f"{path} has no column {column!r} (its header: {header}); pick one of those")
+    index = header.index(column or ("text" if "text" in header else header[0]))
+    return [row[index] for row in rows[1:] if len(row) > index and row[index].strip()]
+
+
+def text_lines(source: str, column: str | None) -> DataSet:
+    """Sentences of text data: a column of a table, a named corpus's lines of >= SENTENCE_WORDS
+    words, or a plain file's non-blank lines."""
+    from tformer.data.datasets import resolve_dataset
+
+    kind = _dataset_kind(source)
+    if kind == "images":
+        raise ValueError(f"{source} holds images, but this run classifies text; give sentences")
+    path = resolve_dataset(source) if kind else Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{source} is neither a dataset tformer knows (tformer data list) nor a text file")
+    if path.suffix.lower() in (".tsv", ".csv"):
+        return DataSet(_column_lines(path, column), None, source)
+    if path.suffix.lower() == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return DataSet([str(r[column or "text"]) for r in rows if str(r.get(column or "text", "")).strip()], None, source)
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if kind == "text":
+        lines = [line for line in lines if len(line.split()) >= SENTENCE_WORDS]
+    return DataSet(lines, None, source)
+
+
+def _labelled_set(run: Any, source: str, column: str | None) -> tuple[DataSet, Any] | None:
+    """Labelled sentences (texts and labels) when `source` is labelled data the model knows."""
+    from tformer.data.labelled import load_labelled
+
+    data = (run.recipe or {}).get("data", {})
+    own = data.get("source") == source
+    text_column = column or (data.get("text_column", "text") if own else "text")
+    try:
+        sentences = load_labelled(source, text_column=text_column,
+                                  label_column=data.get("label_column", "label") if own else "label")
+    except (ValueError, OSError):
+        return None
+    index = {name: i for i, name in enumerate(run.model.labels)}
+    labels = np.array([index[x] for x in sentences.labels]) if set(sentences.labels) <= set(index) else None
+    return DataSet(list(sentences.texts), labels, source), sentences
+
+
+def text_splits(run: Any, source: str, column: str | None, seed: int) -> tuple[DataSet, DataSet]:
+    """(fit, held out) of text data X: the run's own split (its test fold, or validation) when X is
+    its training source, else a seeded HELD_OUT share."""
+    from tformer.data.labelled import fold_split, stratified_holdout, train_val_split
+
+    data = (run.recipe or {}).get("data", {})
+    labelled = _labelled_set(run, source, column) if _dataset_kind(source) in (None, "labelled-sentences") else None
+    if labelled is None:
+        whole = text_lines(source, column)
+        order = np.random.default_rng(seed).permutation(len(whole))
+        n_held = max(1, round(HELD_OUT * len(whole)))
+        return whole.subset(np.sort(order[n_held:])), whole.subset(np.sort(order[:n_held]), f"{source} (held-out {HELD_OUT:.0%})")
+    whole, sentences = labelled
+    if data.get("source") == source and data.get("fold") is not None:
+        train, val, test = fold_split(sentences.labels, fold=data["fold"], n_folds=data.get("n_folds", 5),
+                                      val_fraction=data.get("val_fraction", 0.1), seed=data.get("split_seed", 0))
+        return whole.subset(np.sort(np.r_[train, val])), whole.subset(test, f"{source} (the run's test fold {data['fold']})")
+    if data.get("source") == source:
+        train, val = train_val_split(sentences.labels, val_fraction=data.get("val_fraction", 0.1),
+                                     seed=data.get("split_seed", 0))
+        return whole.subset(train), whole.subset(val, f"{source} (the run's validation split)")
+    rest, held = stratified_holdout(sentences.labels, np.arange(len(whole)), HELD_OUT, seed)
+    return whole.subset(rest), whole.subset(held, f"{source} (held-out {HELD_OUT:.0%})")
+
+
+def text_set(run: Any, source: str, column: str | None) -> DataSet:
+    if _dataset_kind(source) in (None, "labelled-sentences"):
+        labelled = _labelled_set(run, source, column)
+        if labelled is not None:
+            return labelled[0]
+    return text_lines(source, column)
+
+
+# -- the command ------------------------------------------------------------------------------------
+def load_sets(run: Any, args: argparse.Namespace) -> tuple[DataSet, DataSet, DataSet]:
+    """(fit, in-distribution held out, out-of-distribution), limited as asked."""
+    from tformer.models.protocols import TextClassifier
+
+    if run.can(TextClassifier):
+        fit_set, held = text_splits(run, args.in_data, args.in_column, args.seed)
+        out = text_set(run, args.out_data, args.out_column)
+    else:
+        fit_set, held = image_splits(run, args.in_data, args.seed)
+        out = image_set(run, args.out_data)
+    for data, what in ((fit_set, "in-distribution training share"), (held, "in-distribution held-out share"),
+                       (out, "out-of-distribution data")):
+        if len(data) == 0:
+            raise ValueError(f"the {what} ({data.name}) is empty; give data with at least one input")
+    return (fit_set.limited(args.fit_limit, args.seed), held.limited(args.limit, args.seed),
+            out.limited(args.limit, args.seed + 1))
+
+
+def add_ood_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ood", help="out-of-distribution detection: how well a classifier's scores (MSP, energy, "
+                       "Mahalanobis, kNN) tell its data from other data; AUROC, AUPR, FPR95, figures")
+    p.add_argument("run_dir", help="a trained text or image classifier")
+    p.add_argument("--in-data", required=True, help="in-distribution data: a dataset name (tformer data list), an "
+                   "image folder, or a text file; statistics come from its training share")
+    p.add_argument("--out-data", required=True, help="out-of-distribution data, the same kinds")
+    p.add_argument("--out", default=None, help="folder for the results (default: RUN_DIR/ood); new, empty, or one "
+                   "tformer ood made")
+    p.add_argument("--limit", type=whole_number(1), default=None, help="score at most N examples of each side "
+                   "(a seeded sample)")
+    p.add_argument("--fit-limit", type=whole_number(1), default=None, help="fit on at most N examples")
+    p.add_argument("--k", type=whole_number(1, MAX_K), default=50, help="kNN: the neighbour whose distance scores")
+    p.add_argument("--temperature", type=finite_number, default=1.0, help="energy: T in -T logsumexp(logits / T)")
+    p.add_argument("--batch-size", type=whole_number(1, 4096), default=64)
+    p.add_argument("--in-column", default=None, help="text tables: the column of X's sentences (default: text, "
+                   "else the first)")
+    p.add_argument("--out-column", default=None, help="text tables: the column of Y's sentences")
+    p.add_argument("--seed", type=int, default=0, help="held-out share and samples")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.set_defaults(func=cmd_ood)
+
+
+def summary(run: Any, args: argparse.Namespace, sets: tuple[DataSet, DataSet, DataSet], detector: Any,
+            report: Any) -> dict[str, Any]:
+    fit_set, held, out = sets
+    return {"run": str(run.path), "in_data": args.in_data, "out_data": args.out_data,
+            "fit": {"examples": len(fit_set), "data": fit_set.name,
+                    "labels": "the data's" if fit_set.labels is not None else "the model's predictions"},
+            "in": {"examples": len(held), "data": held.name}, "out": {"examples": len(out), "data": out.name},
+            "k": detector.k, "temperature": detector.temperature, "feature_layer": detector.layer,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), **report.to_dict(),
+            "conventions": "higher score = more in-distribution; AUROC, AUPR-In, FPR95: in-distribution positive; "
+                           "AUPR-Out: out-of-distribution positive"}
+
+
+def table(report: Any) -> str:
+    lines = [f"{'scorer':<12} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>9} {'FPR95':>7} {'seconds':>8}"]
+    for name, m in report.metrics.items():
+        lines.append(f"{name:<12} {m.auroc:7.4f} {m.aupr_in:8.4f} {m.aupr_out:9.4f} {m.fpr95:7.4f} "
+                     f"{report.seconds[name]:8.3f}")
+    lines.append(f"(fit {report.seconds['fit']:.1f} s, forward pass of both sets {report.seconds['forward']:.1f} s, "
+                 "shared by all scorers)")
+    return "\n".join(lines)
+
+
+def cmd_ood(args: argparse.Namespace) -> None:
+    from tformer.analysis.ood import batches, check_classifier, draw_report, fit, ood_report, prepare_folder
+    from tformer.files import write_json_atomic
+    from tformer.runs import open_run
+
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    run = open_run(args.run_dir, args.checkpoint)
+    check_classifier(run.model)
+    sets = load_sets(run, args)
+    fit_set, held, out = sets
+    for data, what in ((held, "--in-data"), (out, "--out-data")):  # cheap checks before the slow fit
+        batches(run.model, run.tokenizer, data.inputs[:8], f"{what} {data.name}", args.batch_size)
+    folder = Path(args.out).expanduser() if args.out else run.path / "ood"
+    check_out_folder(folder)  # before the slow part; written only when everything worked
+    detector = fit(run.model, fit_set.inputs, tokenizer=run.tokenizer, labels=fit_set.labels, k=args.k,
+                   temperature=args.temperature, batch_size=args.batch_size)
+    report = ood_report(detector, held.inputs, out.inputs)
+    prepare_folder(folder, "--out")
+    detector.save(folder)
+    write_json_atomic(folder / "summary.json", summary(run, args, sets, detector, report), indent=2)
+    title = f"{run.path.name}: {held.name} vs {out.name}"
+    draw_report(report, folder / "scores.png", folder / "roc.png", title=title)
+    print(f"in: {held.name} ({len(held)}), out: {out.name} ({len(out)}), fitted on {len(fit_set)}")
+    print(table(report))
+    print(f"wrote {folder / 'summary.json'}, scores.png, roc.png")
+
+
+def check_out_folder(folder: Path) -> None:
+    """--out is new, empty, or one tformer ood made; nothing is created here."""
+    from tformer.analysis.ood import MARKER
+
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise ValueError(f"--out {folder} holds files tformer ood did not write; give a new or empty folder")
