@@ -152,6 +152,8 @@ def test_pass_counts_and_batching() -> None:
     assert torch.equal(result.images, batched.images) and torch.equal(result.success, batched.success)
     assert batched.forward_passes == result.forward_passes
     assert torch.equal(pgd(model, x, y, 0.1, seed=7).images, pgd(model, x, y, 0.1, seed=7).images)  # seeded
+    empty = pgd(model, x[:0], y[:0], 0.1)
+    assert empty.images.shape == (0, 1, 4, 4) and empty.forward_passes == 0 and len(empty.success) == 0
 
 
 def test_epsilon_zero_changes_nothing_on_a_vit_and_leaves_modes_and_grads_alone() -> None:

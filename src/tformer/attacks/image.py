@@ -69,7 +69,7 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, height, width):
         raise ValueError(f"images have shape {tuple(images.shape)}, this model takes (N, {channels}, {height}, "
                          f"{width}) (N, channels, height, width); resize or convert them")
-    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+    if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
         raise ValueError("image values must be finite and in [0, 1]; scale pixels by 1/255 and clamp")
 
 
