@@ -1,7 +1,7 @@
 """`tformer ood RUN --in-data X --out-data Y`: how well a classifier's scores tell its own kind of
 input (X) from another (Y). Fits OOD statistics on X's training share, scores X's held-out share
-against Y with every scorer, writes summary.json, scores.png (histograms), roc.png and the fitted
-statistics to a folder of its own, and prints a table.
+against Y with every scorer, writes summary.json, scores.npz (every input's scores), scores.png
+(histograms), roc.png and the fitted statistics to a folder of its own, and prints a table.
 
 X and Y name data tformer knows (`tformer data list`: mnist-10k, fashion-mnist, uci-sentiment,
 shakespeare, de-en-sentences, ...), an image folder (class sub-folders, or images directly), an
@@ -269,7 +269,7 @@ def table(report: Any) -> str:
 
 def cmd_ood(args: argparse.Namespace) -> None:
     from tformer.analysis.ood import batches, check_classifier, draw_report, fit, ood_report, prepare_folder
-    from tformer.files import write_json_atomic
+    from tformer.files import atomic_path, write_json_atomic
     from tformer.runs import open_run
 
     if not args.temperature > 0:
@@ -288,11 +288,14 @@ def cmd_ood(args: argparse.Namespace) -> None:
     prepare_folder(folder, "--out")
     detector.save(folder)
     write_json_atomic(folder / "summary.json", summary(run, args, sets, detector, report), indent=2)
+    with atomic_path(folder / "scores.npz") as tmp, open(tmp, "wb") as f:  # every input's score, per scorer
+        np.savez(f, **{f"in_{k}": v for k, v in report.in_scores.items()},
+                 **{f"out_{k}": v for k, v in report.out_scores.items()})
     title = f"{run.path.name}: {held.name} vs {out.name}"
     draw_report(report, folder / "scores.png", folder / "roc.png", title=title)
     print(f"in: {held.name} ({len(held)}), out: {out.name} ({len(out)}), fitted on {len(fit_set)}")
     print(table(report))
-    print(f"wrote {folder / 'summary.json'}, scores.png, roc.png")
+    print(f"wrote {folder / 'summary.json'}, scores.npz, scores.png, roc.png")
 
 
 def check_out_folder(folder: Path) -> None:
