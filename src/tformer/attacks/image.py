@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -150,26 +150,59 @@ def attack_loss(logits: Tensor, labels: Tensor, targets: Tensor | None, reductio
     return -F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
-def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None) -> Tensor:
-    """d attack_loss / d x, without touching any parameter's .grad."""
+def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(d attack_loss / d x, the logits at x), without touching any parameter's .grad."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = attack_loss(model.classify(x), labels, targets)  # type: ignore[operator]
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad
+        logits = model.classify(x)  # type: ignore[operator]
+        (grad,) = torch.autograd.grad(attack_loss(logits, labels, targets), x)
+    return grad, logits.detach()
+
+
+Observer = Callable[[Tensor, Tensor], None]  # (images, their logits)
 
 
 def pgd_images(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, steps: int,
                step_size: float, norm: str = "linf", random_init: bool = True, targets: Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-    """One PGD run on one batch, no checks, no mode switch: the adversarial images (N, C, H, W),
-    detached. Adversarial training calls this directly (the caller puts the model in eval mode)."""
+               generator: torch.Generator | None = None, observe: Observer | None = None) -> Tensor:
+    """One PGD run on one batch, no checks, no mode switch: the last iterate (N, C, H, W), detached.
+    Adversarial training calls this directly (the caller puts the model in eval mode). `observe`,
+    if given, sees every iterate with its logits (the last one costs one more forward pass)."""
     images = images.detach()
     x = random_start(images, epsilon, norm, generator) if random_init and epsilon > 0 else images.clone()
     for _ in range(steps):
-        step = step_size * ascent_direction(input_gradient(model, x, labels, targets), norm)
-        x = (images + project(x + step - images, epsilon, norm)).clamp(0, 1)
+        grad, logits = input_gradient(model, x, labels, targets)
+        if observe is not None:
+            observe(x, logits)
+        x = (images + project(x + step_size * ascent_direction(grad, norm) - images, epsilon, norm)).clamp(0, 1)
+    if observe is not None:
+        with torch.no_grad():
+            observe(x, model.classify(x))  # type: ignore[operator]
     return x.detach()
+
+
+class Strongest:
+    """Per image, the strongest candidate offered so far: one that fools the model beats one that
+    does not; between equals, the higher attack loss wins."""
+
+    def __init__(self, images: Tensor, labels: Tensor, targets: Tensor | None) -> None:
+        self.labels, self.targets = labels, targets
+        self.images = images.detach().clone()
+        self.predicted = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        self.fooled = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        self.loss = torch.full((len(images),), -math.inf, device=images.device)
+
+    def offer(self, index: Tensor, x: Tensor, logits: Tensor) -> None:
+        """Candidates x (k, C, H, W) with logits (k, classes) for the images at `index` (k,)."""
+        targets = None if self.targets is None else self.targets[index]
+        predicted = logits.argmax(-1)
+        fooled = succeeded(predicted, self.labels[index], targets)
+        loss = attack_loss(logits, self.labels[index], targets, reduction="none")
+        was = self.fooled[index]
+        better = (fooled & ~was) | ((fooled == was) & (loss > self.loss[index]))
+        chosen = index[better]
+        self.images[chosen], self.predicted[chosen] = x.detach()[better], predicted[better]
+        self.fooled[chosen], self.loss[chosen] = fooled[better], loss[better]
 
 
 def predictions(model: nn.Module, images: Tensor) -> Tensor:
@@ -187,20 +220,24 @@ def succeeded(predicted: Tensor, labels: Tensor, targets: Tensor | None) -> Tens
 def fgsm(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, norm: str = "linf",
          targets: Tensor | None = None, batch_size: int = 256) -> AttackResult:
     """The fast gradient sign method: one step of size epsilon from the clean image (L-inf:
-    x + eps * sign(g); L2, the fast gradient method: x + eps * g / ||g||), clamped to [0, 1]."""
+    x + eps * sign(g); L2, the fast gradient method: x + eps * g / ||g||), clamped to [0, 1];
+    always that image, even where the clean one was already misclassified."""
     return pgd(model, images, labels, epsilon, steps=1, step_size=epsilon if epsilon > 0 else 1.0, norm=norm,
-               random_init=False, targets=targets, batch_size=batch_size)
+               random_init=False, targets=targets, batch_size=batch_size, keep_best=False)
 
 
 def pgd(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, steps: int = 10,
         step_size: float | None = None, norm: str = "linf", random_init: bool = True, restarts: int = 1,
-        targets: Tensor | None = None, seed: int = 0, batch_size: int = 256) -> AttackResult:
+        targets: Tensor | None = None, seed: int = 0, batch_size: int = 256, keep_best: bool = True) -> AttackResult:
     """Projected gradient descent: `steps` signed (L-inf) or normalised (L2) gradient steps of
     `step_size` (default 2.5 * epsilon / steps), each projected onto the epsilon-ball and [0, 1].
 
-    Untargeted it raises the true class's loss; with `targets` (N,) it lowers the target's. With
-    `restarts` > 1 each further random start attacks only the images still standing, so an image's
-    result is the first successful restart, or else the restart with the highest loss: restarts
+    Untargeted it raises the true class's loss; with `targets` (N,) it lowers the target's. Each
+    image's result is its strongest candidate (one that fools the model first, then the highest
+    loss): with `keep_best` the candidates are the clean image and every iterate (so an image the
+    model already gets wrong is not attacked, and robust accuracy never exceeds clean accuracy, as
+    RobustBench counts it); without, only each restart's last iterate (torchattacks' PGD). With
+    `restarts` > 1 each further random start attacks only the images still standing: restarts
     never lower success. Seeded: the same call gives the same images.
     """
     check_image_classifier(model)
@@ -219,45 +256,44 @@ def pgd(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, ste
             part = slice(start, start + batch_size)
             part_targets = None if targets is None else targets[part]
             parts.append(_attack_batch(model, images[part], labels[part], part_targets, epsilon, steps, step, norm,
-                                       random_init, restarts, generator, counts))
+                                       random_init, restarts, generator, keep_best, counts))
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=images.device)
         return AttackResult(images.detach().clone(), empty.bool(), empty, empty, 0, 0)
     adversarial, clean, predicted = (torch.cat(p) for p in zip(*parts))
-    success = succeeded(predicted, labels, targets)
-    return AttackResult(adversarial, success, clean, predicted, counts[0], counts[1])
+    return AttackResult(adversarial, succeeded(predicted, labels, targets), clean, predicted, counts[0], counts[1])
 
 
 def _attack_batch(model: nn.Module, images: Tensor, labels: Tensor, targets: Tensor | None, epsilon: float,
                   steps: int, step: float, norm: str, random_init: bool, restarts: int,
-                  generator: torch.Generator, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                  generator: torch.Generator, keep_best: bool, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(adversarial images, clean predictions, adversarial predictions) of one batch; counts
     [forward, backward] passes per image."""
-    clean = predictions(model, images)
-    best, best_predicted = images.detach().clone(), clean.clone()
-    best_loss = torch.full((len(images),), -math.inf, device=images.device)
-    standing = torch.ones(len(images), dtype=torch.bool, device=images.device)  # not yet fooled
+    with torch.no_grad():
+        clean_logits = model.classify(images)  # type: ignore[operator]
     counts[0] += len(images)
+    strongest = Strongest(images, labels, targets)
+    everyone = torch.arange(len(images), device=images.device)
+    if keep_best:
+        strongest.offer(everyone, images, clean_logits)  # the clean image is in the ball too
+    else:
+        strongest.predicted = clean_logits.argmax(-1)  # what an image keeps if no candidate is offered
     for _ in range(restarts):
-        index = standing.nonzero().flatten()
+        index = everyone[~strongest.fooled]
         if len(index) == 0:
             break
         sub_targets = None if targets is None else targets[index]
+        observe = (lambda x, logits: strongest.offer(index, x, logits)) if keep_best else None
         x = pgd_images(model, images[index], labels[index], epsilon, steps=steps, step_size=step, norm=norm,
-                       random_init=random_init, targets=sub_targets, generator=generator)
-        with torch.no_grad():
-            logits = model.classify(x)  # type: ignore[operator]
+                       random_init=random_init, targets=sub_targets, generator=generator, observe=observe)
+        if not keep_best:
+            with torch.no_grad():
+                strongest.offer(index, x, model.classify(x))  # type: ignore[operator]
         counts[0] += len(index) * (steps + 1)
         counts[1] += len(index) * steps
-        loss = attack_loss(logits, labels[index], sub_targets, reduction="none")
-        fooled = succeeded(logits.argmax(-1), labels[index], sub_targets)
-        better = fooled | (loss > best_loss[index])  # standing images only: a success always wins
-        chosen = index[better]
-        best[chosen], best_predicted[chosen], best_loss[chosen] = x[better], logits.argmax(-1)[better], loss[better]
-        standing[index[fooled]] = False
         if not random_init:
             break  # a deterministic attack gives the same images again
-    return best, clean, best_predicted
+    return strongest.images, clean_logits.argmax(-1), strongest.predicted
 
 
 __all__ = ["AttackResult", "NORMS", "check_budget", "check_image_classifier", "check_images", "check_labels",
