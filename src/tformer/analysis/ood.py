@@ -354,12 +354,10 @@ def ood_report(detector: OODDetector, in_inputs: Inputs, out_inputs: Inputs,
     in_outputs = detector.outputs(in_inputs, "the in-distribution data")
     out_outputs = detector.outputs(out_inputs, "the out-of-distribution data")
     seconds = {"fit": detector.seconds.get("fit", float("nan")), "forward": time.perf_counter() - start}
-    in_scores, out_scores = detector.score_outputs(in_outputs, scorers), {}
-    for name in scorers:
-        seconds[name] = detector.seconds[name]
+    in_scores = detector.score_outputs(in_outputs, scorers)
+    in_seconds = {name: detector.seconds[name] for name in scorers}
     out_scores = detector.score_outputs(out_outputs, scorers)
-    for name in scorers:
-        seconds[name] += detector.seconds[name]
+    seconds |= {name: in_seconds[name] + detector.seconds[name] for name in scorers}
     metrics = {name: ood_metrics(in_scores[name], out_scores[name]) for name in scorers}
     return OODReport(metrics, in_scores, out_scores, seconds)
 
