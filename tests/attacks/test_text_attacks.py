@@ -76,6 +76,16 @@ def test_substitution_takes_the_nearest_neighbour_that_flips(keyword):
     assert result.queries == 1 + 2 + 5  # clean, 2 deletions (stop words skipped), 5 neighbours in one batch
 
 
+def test_the_last_allowed_change_must_flip(keyword):
+    # "good great movie": replacing one positive word leaves the other, so no single change flips;
+    # with one change allowed the attack keeps none (a lowering but non-flipping swap is refused)
+    for attack in (word_substitution_attack, typo_attack, hotflip_attack):
+        (result,) = attack(*keyword, ["good great movie"], max_share=0.34)
+        assert result.status == "failed" and result.changed == () and result.attacked == "good great movie"
+    (result,) = word_substitution_attack(*keyword, ["good great movie"], max_share=0.67)
+    assert result.success and len(result.changed) == 2  # two changes: the first only lowers p(pos)
+
+
 def test_meaning_guard_refuses_a_neighbour_the_model_reads_oppositely(keyword):
     (result,) = word_substitution_attack(*keyword, ["The movie is good."], max_share=0.25, meaning_guard=0.5)
     assert not result.success and "fine" not in result.attacked  # fine alone is "neg", good alone "pos"

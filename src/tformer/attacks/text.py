@@ -9,7 +9,9 @@ prediction leaves the true label.
 Every attack works on words (letters and apostrophes; digits and punctuation are never touched),
 changes each word at most once, and stops when the label flips, when `floor(max_share * words)`
 words are changed, or when `max_queries` texts (the clean one included) went through the model
-for that example; a batch of k candidate texts counts k queries, a gradient 1. A candidate text
+for that example; a batch of k candidate texts counts k queries, a gradient 1. The last change
+the share allows is kept only if it flips the label (else the next words are tried), so a
+sentence allowing one change is searched for a one-word flip. A candidate text
 that becomes longer than the model reads is discarded unclassified. Stop words are never
 attacked nor proposed.
 
@@ -408,20 +410,27 @@ def token_positions(victim: Victim, words: Words) -> list[range]:
     return [range(1 + lengths[i], 1 + lengths[n + i]) for i in range(n)]
 
 
-def _try(victim: Victim, state: State, i: int, options: list[str]) -> bool:
+def _try(victim: Victim, state: State, i: int, options: list[str], must_flip: bool) -> bool:
     """Classify the text with word i replaced by each option (within the budget): keep the first
-    option that flips the label, else the one lowering the true class most if it does. Returns
-    whether the state changed."""
+    option that flips the label, else (unless `must_flip`: the last word the share allows) the
+    one lowering the true class most if it does. Returns whether the state changed."""
     options = options[:victim.remaining]
     if not options:
         return False
     probs = victim.probabilities([state.words.replaced({**state.changes, i: o}) for o in options])
+    return _keep(state, [(i, o) for o in options], probs, must_flip)
+
+
+def _keep(state: State, options: list[tuple[int, str]], probs: np.ndarray, must_flip: bool) -> bool:
+    """Take the first (word, replacement) whose row of probs flips the label, else the one
+    lowering the true class most, if it does and a flip is not required."""
     true_p = np.where(np.isfinite(probs[:, state.truth]), probs[:, state.truth], np.inf)
     flips = [j for j in range(len(options)) if np.isfinite(true_p[j]) and int(np.argmax(probs[j])) != state.truth]
     best = flips[0] if flips else int(np.argmin(true_p))
-    if not flips and not true_p[best] < state.probs[state.truth]:
+    if not flips and (must_flip or not true_p[best] < state.probs[state.truth]):
         return False
-    state.changes[i], state.probs = options[best], probs[best]
+    i, word = options[best]
+    state.changes[i], state.probs = word, probs[best]
     return True
 
 
@@ -486,7 +495,7 @@ def typo_attack(model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: 
                 return
             typos = typo_candidates(state.words[i])
             pick = rng.permutation(len(typos))[:candidates_per_word]
-            _try(victim, state, i, [typos[j].result for j in sorted(pick)])
+            _try(victim, state, i, [typos[j].result for j in sorted(pick)], len(state.changes) == max_changed - 1)
 
     return _attack_each(model, tokenizer, texts, labels, max_queries, max_share, ranking, attack_one)
 
@@ -513,7 +522,8 @@ def word_substitution_attack(model: nn.Module, tokenizer: Any, texts: Sequence[s
             if row is None:
                 continue
             rows = vocab.same_meaning(row, vocab.neighbours(row, neighbours), meaning_guard)
-            _try(victim, state, i, [match_case(state.words[i], vocab.words[r]) for r in rows])
+            _try(victim, state, i, [match_case(state.words[i], vocab.words[r]) for r in rows],
+                 len(state.changes) == max_changed - 1)
 
     return _attack_each(model, tokenizer, texts, labels, max_queries, max_share, ranking, attack_one)
 
@@ -533,27 +543,26 @@ def hotflip_attack(model: nn.Module, tokenizer: Any, texts: Sequence[str], label
 
     def attack_one(victim: Victim, state: State, max_changed: int) -> None:
         while len(state.changes) < max_changed and not state.flipped and victim.remaining >= 2:
-            flips = _estimated_flips(victim, state, vocab, table, layer, beam, meaning_guard)
-            if not flips:
+            ranked = _estimated_flips(victim, state, vocab, table, layer, beam, meaning_guard)
+            last = len(state.changes) == max_changed - 1
+            # the last change the share allows must flip: go down the ranking, a beam at a time
+            for start in range(0, len(ranked) if last else min(beam, len(ranked)), beam):
+                options = ranked[start:start + beam][:victim.remaining]
+                if not options:
+                    return
+                texts = [state.words.replaced({**state.changes, i: w}) for i, w in options]
+                if _keep(state, options, victim.probabilities(texts), last):
+                    break
+            else:
                 return
-            options = flips[:victim.remaining]
-            texts = [state.words.replaced({**state.changes, i: w}) for i, w in options]
-            probs = victim.probabilities(texts)
-            true_p = np.where(np.isfinite(probs[:, state.truth]), probs[:, state.truth], np.inf)
-            flipped = [j for j in range(len(options)) if np.isfinite(true_p[j]) and np.argmax(probs[j]) != state.truth]
-            best = flipped[0] if flipped else int(np.argmin(true_p))
-            if not flipped and not true_p[best] < state.probs[state.truth]:
-                return
-            i, word = options[best]
-            state.changes[i], state.probs = word, probs[best]
 
     return _attack_each(model, tokenizer, texts, labels, max_queries, max_share, "gradient", attack_one)
 
 
 def _estimated_flips(victim: Victim, state: State, vocab: WordVocabulary, table: Tensor, layer: nn.Module,
                      beam: int, guard: float | None) -> list[tuple[int, str]]:
-    """(word index, replacement) of the `beam` largest first-order loss increases
-    (e_new - e_old) . g over unchanged single-token words and whole-word tokens."""
+    """(word index, replacement) by first-order loss increase (e_new - e_old) . g, largest first:
+    the `beam` best whole-word tokens of each unchanged single-token word."""
     text = state.text
     current = Words.of(text)  # word indices are stable: replacements are single words
     ids, grad = victim.gradient(text, state.truth, layer)
@@ -571,7 +580,7 @@ def _estimated_flips(victim: Victim, state: State, vocab: WordVocabulary, table:
         for r in vocab.same_meaning(row, top, guard)[:beam]:
             scored.append((float(gain[r]), i, r))
     scored.sort(key=lambda s: -s[0])
-    return [(i, match_case(state.words[i], vocab.words[r])) for _, i, r in scored[:beam]]
+    return [(i, match_case(state.words[i], vocab.words[r])) for _, i, r in scored]
 
 
 def _check_guard(guard: float | None) -> None:
