@@ -4,6 +4,8 @@
     arguments      the parser (one-line usage errors), bounded argument types, recipe names
     run_commands   train, generate, translate, predict, evaluate
     explain_command  explain (figures and an HTML page per input)
+    attack_command   attack (adversarial inputs, robust accuracy, curves)
+    ood_command      ood (out-of-distribution scores, AUROC)
     tool_commands  import, tokenizer train, data list / fetch, demo
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from tformer import __version__
 from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
+from tformer.cli.attack_command import add_attack_command
 from tformer.cli.explain_command import add_explain_command
 from tformer.cli.ood_command import add_ood_command
 from tformer.cli.run_commands import (
@@ -150,6 +153,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
     add_explain_command(sub)
     add_ood_command(sub)
+    add_attack_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
