@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5], help="typo rates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reuse-standard", action="store_true",
-                        help="keep the standard model's numbers from --out's .json (add the adversarial model only)")
+    parser.add_argument("--name", default="standard", help="what to call the --run model ('none' as --run: skip it)")
+    parser.add_argument("--merge", nargs="*", default=[], help=".json files of earlier runs whose models to include")
     parser.add_argument("--out", default=str(RESULTS / "robustness_text"), help="results path without suffix")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,14 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "load_before": load_before, "test_sentences": len(texts), "max_queries": args.max_queries,
                     "models": {}, "examples": []}
-    paths = {"standard": args.run, "embedding-adversarial": args.adversarial_run}
-    if args.reuse_standard:  # keep the standard model's numbers from an earlier run of this script
-        earlier = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-        report["models"]["standard"], report["examples"] = earlier["models"]["standard"], earlier["examples"]
-        report["earlier_command"] = earlier["command"]
-        paths.pop("standard")
+    for earlier_path in args.merge:  # models measured by earlier runs of this script, kept as they were
+        earlier = json.loads(Path(earlier_path).read_text(encoding="utf-8"))
+        report["models"].update(earlier["models"])
+        report["examples"] += earlier["examples"]
+        report.setdefault("merged", []).append({"command": earlier["command"], "date": earlier["date"],
+                                                "load_before": earlier["load_before"], "load_after": earlier["load_after"],
+                                                "seconds": earlier["seconds"]})
+    paths = {args.name: args.run, "embedding-adversarial": args.adversarial_run}
     for name, path in paths.items():
-        if path:
+        if path and path != "none":
             report["models"][name] = evaluate_model(name, path, texts, labels, args, report["examples"], log)
     sweeps = {name: TypoSweep(tuple(e["typo_sweep"]["rates"]), tuple(e["typo_sweep"]["accuracy"]),
                               tuple(e["typo_sweep"]["share_changed"]), len(texts))
@@ -174,7 +176,7 @@ def evaluate_model(name: str, path: str, texts: list[str], labels: list[str], ar
             if share == args.shares[0]:
                 entry["substitutions"][attack] = [[r.replacements, r.clean_label, r.adversarial_label]
                                                   for r in rs if r.success]
-                if name == "standard":
+                if name == args.name and args.name == "standard":
                     examples += [{"attack": attack, "attacked": mark_changes(r), "clean": [r.clean_label, r.clean_probability],
                                   "adversarial": [r.adversarial_label, r.adversarial_probability]}
                                  for r in [r for r in rs if r.success][:3]]
@@ -189,6 +191,8 @@ def markdown(report: dict, sweeps: dict, png: str, args: argparse.Namespace) -> 
              f"`{report['command']}`", "",
              f"Machine: {report['machine']}, torch threads {report['threads']}, {report['date']}, load average "
              f"{report['load_before'][0]:.2f} before / {report['load_after'][0]:.2f} after; {report['seconds']:.0f} s in all.",
+             *[f"Merged from `{m['command']}` ({m['date']}, load {m['load_before'][0]:.2f} / {m['load_after'][0]:.2f}, "
+               f"{m['seconds']:.0f} s)." for m in report.get("merged", [])],
              "",
              f"Data: uci-sentiment fold 0 of 5 (the recipe's held-out test split, {report['test_sentences']} sentences); "
              f"attacked: per model, the first {args.n} it classifies correctly. Budget "
