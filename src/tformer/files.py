@@ -148,6 +148,25 @@ def write_figure_atomic(fig: Any, path: str | Path, **savefig: Any) -> None:
         plt.close(fig)
 
 
+def check_output_folder(folder: str | Path, marker: str, tool: str, option: str = "--out") -> Path:
+    """A folder a tool may write its results into: new, empty, or holding its `marker` file (a
+    folder the tool made before). A folder with a user's files is refused in one line, untouched."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise ValueError(f"{option} {folder} holds files {tool} did not write; give a new or empty folder")
+    return folder
+
+
+def claim_output_folder(folder: str | Path, marker: str, tool: str, option: str = "--out") -> Path:
+    """`check_output_folder`, then create it and mark it as the tool's."""
+    folder = check_output_folder(folder, marker, tool, option)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / marker).touch()
+    return folder
+
+
 def _fsync_tree(folder: Path) -> None:
     for sub in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
         if sub.is_file():

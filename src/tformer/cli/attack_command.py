@@ -73,16 +73,15 @@ def add_attack_command(sub: argparse._SubParsersAction) -> None:
 
 
 def check_out(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise ValueError(f"--out {folder} holds files tformer attack did not write; give a new or empty folder")
+    from tformer.files import check_output_folder
+
+    check_output_folder(folder, MARKER, "tformer attack")
 
 
 def make_out(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).touch()
-    return folder
+    from tformer.files import claim_output_folder
+
+    return claim_output_folder(folder, MARKER, "tformer attack")
 
 
 def pick_method(args: argparse.Namespace, choices: tuple[str, ...], kind: str) -> str:

@@ -57,13 +57,9 @@ def folder_name(index: int, item: str) -> str:
 
 def prepare_out(out: Path) -> Path:
     """`out` may hold explanations: it is new, empty, or marked as made by tformer explain."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ValueError(f"--out {out} holds files tformer explain did not write; give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
-    return out
+    from tformer.files import claim_output_folder
+
+    return claim_output_folder(out, MARKER, "tformer explain")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
