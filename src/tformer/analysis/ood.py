@@ -374,10 +374,10 @@ def draw_report(report: OODReport, histogram_png: Path, roc_png: Path, title: st
     names = list(report.metrics)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), dpi=100, squeeze=False)
     for ax, name in zip(axes[0], names):
-        both = np.concatenate([report.in_scores[name], report.out_scores[name]])
-        edges = np.histogram_bin_edges(both, bins=40)
-        ax.hist(report.in_scores[name], bins=edges, alpha=0.6, density=True, label="in")
-        ax.hist(report.out_scores[name], bins=edges, alpha=0.6, density=True, label="out")
+        low, high = np.percentile(np.concatenate([report.in_scores[name], report.out_scores[name]]), [1, 99])
+        edges = np.linspace(low, high, 41) if high > low else 40  # tails clipped into the end bins
+        ax.hist(np.clip(report.in_scores[name], low, high), bins=edges, alpha=0.6, density=True, label="in")
+        ax.hist(np.clip(report.out_scores[name], low, high), bins=edges, alpha=0.6, density=True, label="out")
         ax.set_title(f"{name} (AUROC {report.metrics[name].auroc:.3f})", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=8)
