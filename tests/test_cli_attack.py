@@ -80,6 +80,7 @@ def test_attacking_held_out_sentences(trained, local_data, tmp_path, capsys):
     (["{vit}", "{png}", "--epsilons", "0.1,0.2"], "one --epsilons value"),
     (["{vit}", "{png}", "--steps", "0"], "0 is not a whole number >= 1"),
     (["{bert}", "good", "--max-share", "0"], "--max-share must be in \\(0, 1\\]"),
+    (["{bert}", "good", "--meaning-guard", "nan"], "--meaning-guard is a total-variation distance in \\[0, 1\\]"),
     (["{bert}", "good", "--label", "neutral"], "--label 'neutral' is not one of the model's classes"),
     (["{gpt}", "the king"], "is not a classifier"),
     (["{vit}", "{png}", "--out", "{foreign}"], "holds files tformer attack did not write"),

@@ -63,6 +63,9 @@ def add_attack_command(sub: argparse._SubParsersAction) -> None:
     text = p.add_argument_group("text classifiers")
     text.add_argument("--max-queries", type=whole_number(1, 1_000_000), default=300, help="model calls per example")
     text.add_argument("--max-share", type=float, default=0.15, help="most words changed, as a share (0, 1]")
+    text.add_argument("--meaning-guard", type=float, default=0.5, help="substitution, hotflip: refuse a new word "
+                      "whose class distribution read alone differs from the old word's by more than this total-"
+                      "variation distance (keeps antonyms out: good -> bad); 1 turns it off")
     text.add_argument("--typo-rates", type=number_list, default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                       help="--data: typo-rate sweep (shares of words)")
     p.add_argument("--out", default=None, help="folder for the results (default: RUN_DIR/attacks); new, empty, or "
@@ -116,6 +119,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         inputs = None
     if not 0 < args.max_share <= 1:
         raise ValueError(f"--max-share must be in (0, 1], got {args.max_share}")
+    if not 0 <= args.meaning_guard <= 1:
+        raise ValueError(f"--meaning-guard is a total-variation distance in [0, 1], got {args.meaning_guard}")
     run = open_run(args.run_dir, args.checkpoint)
     folder = Path(args.out).expanduser() if args.out else run.path / "attacks"
     check_out(folder)
@@ -261,7 +266,8 @@ def _text_attack(run: Any, args: argparse.Namespace, method: str, texts: list[st
     if method == "typo":
         return typo_attack(run.model, run.tokenizer, texts, labels, seed=args.seed, **common)
     attack = word_substitution_attack if method == "substitution" else hotflip_attack
-    return attack(run.model, run.tokenizer, texts, labels, **common)
+    guard = None if args.meaning_guard >= 1 else args.meaning_guard
+    return attack(run.model, run.tokenizer, texts, labels, meaning_guard=guard, **common)
 
 
 def _text_row(result: Any) -> dict:
