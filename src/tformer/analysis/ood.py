@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from tformer.data.images import IMAGE_SUFFIXES, read_image
 from tformer.data.labelled import encode_texts, pad_rows, special_ids
-from tformer.files import atomic_path, read_json, write_json_atomic
+from tformer.files import atomic_path, claim_output_folder, read_json, write_json_atomic
 from tformer.metrics.ood import OODMetrics, check_scores, ood_metrics, roc_points
 from tformer.models.protocols import ImageClassifier, TextClassifier, can, capabilities
 
@@ -294,13 +294,7 @@ class OODDetector:
 
 def prepare_folder(folder: Path, what: str) -> Path:
     """`folder` is new, empty, or marked as tformer OOD's; never a folder with a user's files."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what} {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise ValueError(f"{what} {folder} holds files tformer ood did not write; give a new or empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MARKER).touch()
-    return folder
+    return claim_output_folder(folder, MARKER, "tformer ood", what)
 
 
 def fit(model: nn.Module, in_data: Inputs, *, tokenizer: Any = None, labels: np.ndarray | None = None,

@@ -301,8 +301,6 @@ def cmd_ood(args: argparse.Namespace) -> None:
 def check_out_folder(folder: Path) -> None:
     """--out is new, empty, or one tformer ood made; nothing is created here."""
     from tformer.analysis.ood import MARKER
+    from tformer.files import check_output_folder
 
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise ValueError(f"--out {folder} holds files tformer ood did not write; give a new or empty folder")
+    check_output_folder(folder, MARKER, "tformer ood")
