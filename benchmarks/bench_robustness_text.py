@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         report.setdefault("merged", []).append({"command": earlier["command"], "date": earlier["date"],
                                                 "load_before": earlier["load_before"], "load_after": earlier["load_after"],
                                                 "seconds": earlier["seconds"]})
-    paths = {args.name: args.run, "embedding-adversarial": args.adversarial_run}
+    paths = {"embedding-adversarial": args.adversarial_run} if args.adversarial_run else {}
+    paths = {args.name: args.run, **paths} if args.run != "none" else paths
     for name, path in paths.items():
         if path and path != "none":
             report["models"][name] = evaluate_model(name, path, texts, labels, args, report["examples"], log)
