@@ -21,8 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-from tformer.attacks.text import TextAttackResult, Victim, Words, typo_candidates
 from tformer.attacks.embedding import check_text_classifier
+from tformer.attacks.text import TextAttackResult, Victim
+from tformer.attacks.words import Words, typo_candidates
 from tformer.files import write_figure_atomic
 
 
