@@ -22,18 +22,24 @@ embedding table shared by encoder and decoder (seq2seq) is attributed on the sid
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.inference.generate import evaluating
-from tformer.models.protocols import (CausalLM, ConditionalDecoder, ImageClassifier, MemoryLM,
-                                      TextClassifier, can)
+from tformer.models.protocols import (
+    CausalLM,
+    ConditionalDecoder,
+    ImageClassifier,
+    MemoryLM,
+    TextClassifier,
+    can,
+)
+from tformer.nn.modes import evaluating
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 Score = Callable[[Tensor], Tensor]  # inputs repeated k times, (k * B, ...) -> F (k * B,)

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tformer.inference.generate import evaluating
 from tformer.models.protocols import ImageClassifier, TextClassifier, can, capabilities
+from tformer.nn.modes import evaluating
 
 Mix = Callable[[Tensor, Tensor], Tensor]  # rows (R,), shown (R, N) bool -> model inputs (R, ...)
 Classify = Callable[[Tensor, Tensor], Tensor]  # rows (R,), model inputs (R, ...) -> logits (R, C)

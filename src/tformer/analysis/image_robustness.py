@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.attacks.image import AttackResult, check_image_classifier, check_images, check_labels, eval_mode, pgd
+from tformer.attacks.image import AttackResult, check_image_classifier, check_images, check_labels, pgd
 from tformer.files import write_figure_atomic
+from tformer.nn.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def occlude(images: Tensor, size: int, seed: int = 0, fill: float = 0.0) -> Tens
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
     """Share of images the model classifies as their label (eval mode; the model's mode restored)."""
     right = 0
-    with eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
             predicted = model.classify(images[start:start + batch_size]).argmax(-1)  # type: ignore[operator]
             right += int((predicted == labels[start:start + batch_size]).sum())

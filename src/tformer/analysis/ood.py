@@ -20,10 +20,9 @@ does: the `nn.Linear` with one output per class whose output *is* the logits on 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from tformer.data.labelled import encode_texts, pad_rows, special_ids
 from tformer.files import atomic_path, claim_output_folder, read_json, write_json_atomic
 from tformer.metrics.ood import OODMetrics, check_scores, ood_metrics, roc_points
 from tformer.models.protocols import ImageClassifier, TextClassifier, can, capabilities
+from tformer.nn.modes import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,6 @@ def batches(model: nn.Module, tokenizer: Any, inputs: Inputs, what: str, batch_s
 
 
 # -- the forward pass ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode inside, every module's own mode restored after (frozen parts included)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def find_feature_layer(model: nn.Module, probe: Batch) -> str:
     """The name of the `nn.Linear` whose output equals the logits of `probe`: the layer that maps
     penultimate features to class scores, whatever the family calls it."""
@@ -130,7 +118,7 @@ def find_feature_layer(model: nn.Module, probe: Batch) -> str:
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
              for name, m in candidates.items()]
     try:
-        with eval_mode(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             logits = model.classify(*probe)  # type: ignore[attr-defined]
     finally:
         for hook in hooks:
@@ -156,7 +144,7 @@ def forward(model: nn.Module, inputs: list[Batch], layer: str) -> Outputs:
     hook = module.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     logits = []
     try:
-        with eval_mode(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             for batch in inputs:
                 logits.append(model.classify(*batch).detach())  # type: ignore[attr-defined]
     finally:
@@ -393,6 +381,6 @@ def draw_report(report: OODReport, histogram_png: Path, roc_png: Path, title: st
 
 
 __all__ = ["DEFAULT_K", "MARKER", "OODDetector", "OODReport", "Outputs", "SCORERS", "batches", "check_classifier",
-           "draw_report", "energy_score", "eval_mode", "find_feature_layer", "fit", "fit_gaussian", "forward",
+           "draw_report", "energy_score", "find_feature_layer", "fit", "fit_gaussian", "forward",
            "free_energy", "image_tensor", "knn_score", "l2_normalise", "mahalanobis_score", "msp_score",
            "ood_report", "prepare_folder", "text_rows"]

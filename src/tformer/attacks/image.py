@@ -11,15 +11,15 @@ back as it was. FGSM: Goodfellow et al. 2015; PGD with random start and restarts
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.models.protocols import ImageClassifier, can
+from tformer.nn.modes import evaluating
 
 NORMS = ("linf", "l2")
 
@@ -96,18 +96,6 @@ def check_budget(epsilon: float, steps: int = 1, step_size: float | None = None,
 
 
 # -- the pieces of a step ----------------------------------------------------------------------
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside (dropout off), each submodule's own mode restored after."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(model.modules(), modes):
-            module.training = mode
 
 
 def per_example_norm(x: Tensor) -> Tensor:
@@ -251,7 +239,7 @@ def pgd(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, *, ste
     step = step_size if step_size is not None else 2.5 * epsilon / steps
     generator = torch.Generator(device=images.device).manual_seed(seed)
     parts, counts = [], [0, 0]
-    with eval_mode(model):
+    with evaluating(model):
         for start in range(0, len(images), batch_size):
             part = slice(start, start + batch_size)
             part_targets = None if targets is None else targets[part]
@@ -297,4 +285,4 @@ def _attack_batch(model: nn.Module, images: Tensor, labels: Tensor, targets: Ten
 
 
 __all__ = ["AttackResult", "NORMS", "check_budget", "check_image_classifier", "check_images", "check_labels",
-           "eval_mode", "fgsm", "pgd", "pgd_images"]
+           "fgsm", "pgd", "pgd_images"]

@@ -11,9 +11,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import MAX_ROWS, check_count, check_number, evaluating, prepare_prompt
+from tformer.inference.generate import MAX_ROWS, check_count, check_number, prepare_prompt
 from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
+from tformer.nn.modes import evaluating
 
 MAX_BEAM_WIDTH = 256  # every beam is a decoded row with its own KV cache; 4-10 is usual for translation
 MAX_LENGTH_PENALTY = 10.0  # score = log_prob / length ** penalty stays finite for any length we allow

@@ -8,7 +8,6 @@ Beam search lives in `tformer.inference.beam`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -18,7 +17,6 @@ from torch import Tensor
 
 from tformer.models.protocols import CausalLM
 from tformer.nn import check_token_ids
-
 
 # Upper bounds on the sizes a user types. Each one keeps a typo (--beam 100000) from hanging the
 # machine or exhausting its memory: decoding state grows with rows x length.
@@ -181,17 +179,6 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
                          "generate fewer tokens, or pass sliding=True")
     check_token_ids(ids[mask], model.config.vocab_size)  # type: ignore[attr-defined]
     return ids.to(device), mask.to(device)
-
-
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration; the previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,

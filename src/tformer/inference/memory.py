@@ -9,8 +9,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import MAX_NEW_TOKENS, Sampling, check_count, choose_next, evaluating
+from tformer.inference.generate import MAX_NEW_TOKENS, Sampling, check_count, choose_next
 from tformer.models.protocols import MemoryLM
+from tformer.nn.modes import evaluating
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.inference.generate import evaluating
 from tformer.models.protocols import CausalLM, MemoryLM, can
+from tformer.nn.modes import evaluating
 from tformer.runs import Run, open_run
 from tformer.tokenizers import BPETokenizer, CharTokenizer, HFJsonTokenizer, Tokenizer
 

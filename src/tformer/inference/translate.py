@@ -15,8 +15,9 @@ import torch
 
 from tformer.data.pairs import TokenBatches, pad_right
 from tformer.inference.beam import MAX_BEAM_WIDTH, beam_search
-from tformer.inference.generate import MAX_NEW_TOKENS, MAX_ROWS, Sampling, check_count, evaluating, generate
+from tformer.inference.generate import MAX_NEW_TOKENS, MAX_ROWS, Sampling, check_count, generate
 from tformer.models.seq2seq import Seq2Seq
+from tformer.nn.modes import evaluating
 from tformer.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)

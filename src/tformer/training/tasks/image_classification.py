@@ -24,12 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tformer.attacks.image import eval_mode, pgd_images
+from tformer.attacks.image import pgd_images
 from tformer.config import ConfigError, check_fraction, check_positive
-from tformer.data.images import ImageSet, augment, check_image_shape, has_test_split, images_to_tensor, load_images, stratified_holdout
+from tformer.data.images import (
+    ImageSet,
+    augment,
+    check_image_shape,
+    has_test_split,
+    images_to_tensor,
+    load_images,
+    stratified_holdout,
+)
 from tformer.metrics.classification import classification_metrics, plot_confusion
 from tformer.models.protocols import ImageClassifier
 from tformer.models.vit import normalise
+from tformer.nn.modes import evaluating
 from tformer.training.settings import TaskSettings, TrainConfig
 from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
 
@@ -111,7 +120,7 @@ class ImageClassificationTask:
         target = unwrap(model)
         pixels = (batch["images"] * 0.5 + 0.5).clamp(0, 1)  # undo normalise: the attack works on [0, 1]
         generator = torch.Generator(device=pixels.device).manual_seed(batch.context or 0)
-        with eval_mode(target), torch.autocast(pixels.device.type, enabled=False):
+        with evaluating(target), torch.autocast(pixels.device.type, enabled=False):
             return pgd_images(target, pixels, batch["labels"], self.adversary.adversarial_epsilon,
                               steps=self.adversary.adversarial_steps, step_size=self.adversary.adversarial_step,
                               generator=generator)

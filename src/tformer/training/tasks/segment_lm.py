@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_fraction, check_positive
 from tformer.data.text import TokenizedCorpus, load_text
-from tformer.inference.generate import TEXT_SAMPLING, evaluating
+from tformer.inference.generate import TEXT_SAMPLING
 from tformer.inference.memory import generate_with_memory
 from tformer.models.protocols import MemoryLM
 from tformer.models.transformer_xl import Memory, TransformerXL, TransformerXLConfig
+from tformer.nn.modes import evaluating
 from tformer.tokenizers.base import Tokenizer
 from tformer.training.distributed import unwrap
 from tformer.training.settings import TaskSettings
