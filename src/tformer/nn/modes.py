@@ -12,6 +12,16 @@ from torch import nn
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model`: an nn.Module, or a wrapper with `training`, `eval()` and `train(mode)` (a bound
+    decoder), whose own `train` restores what it wraps."""
+    if not isinstance(model, nn.Module):
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+        return
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
