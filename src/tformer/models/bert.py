@@ -25,6 +25,7 @@ from tformer.nn import (
     make_norm,
 )
 from tformer.nn.attend import BACKENDS
+from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
 
 HEADS = ("none", "mlm", "sequence", "token")  # none: forward returns the hidden states
@@ -137,7 +138,7 @@ class SequenceClassifierHead(nn.Module):
         super().__init__()
         check_choice("pooling", pooling, POOLINGS)
         self.pooler = Pooler(d_model) if pooling == "cls" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(d_model, n_labels)
 
     def forward(self, hidden: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -150,7 +151,7 @@ class TokenClassifierHead(nn.Module):
 
     def __init__(self, d_model: int, n_labels: int, dropout: float) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(d_model, n_labels)
 
     def forward(self, hidden: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -183,7 +184,7 @@ class Bert(nn.Module):
         self.pos_emb = LearnedPositions(config.context_length, config.d_model)
         self.type_emb = nn.Embedding(config.type_vocab_size, config.d_model)
         self.emb_norm = make_norm("layernorm", config.d_model, eps=config.norm_eps)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(build_block(config) for _ in range(config.n_layers))
         self.head = head if head is not None else build_head(config)
         self.reset_parameters()

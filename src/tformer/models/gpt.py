@@ -18,6 +18,7 @@ from tformer.nn import (ALiBi, AttentionInputs, Block, KVCache, LearnedPositions
                         RotaryEmbedding, SinusoidalPositions, SwiGLU, TokenEmbedding, causal,
                         key_padding, make_activation, make_norm)
 from tformer.nn.attend import BACKENDS
+from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.masks import Mask
 from tformer.nn.norm import NORMS
@@ -138,7 +139,7 @@ class GPT(nn.Module):
         self.rope = (RotaryEmbedding(config.head_dim, config.context_length, config.rope_base)
                      if config.position == "rope" else None)
         self.alibi = ALiBi(config.n_heads) if config.position == "alibi" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(build_block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config.norm, config.d_model, eps=config.norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

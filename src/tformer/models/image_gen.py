@@ -29,6 +29,7 @@ from tformer.models.encoder_decoder import (BlockSpec, BoundDecoder, DecoderConf
                                             EncoderDecoderCache)
 from tformer.nn import KVCache
 from tformer.nn.attend import BACKENDS
+from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.norm import NORMS
 
@@ -124,7 +125,7 @@ class ImageGenerator(EncoderDecoder):
         self.cond_pos = nn.Embedding(c.condition_length, c.d_model)
         self.pixel_emb = nn.Embedding(c.n_image_tokens + 1, c.d_model)  # + <bos>
         self.row_emb, self.col_emb = nn.Embedding(c.height, c.d_model), nn.Embedding(c.width, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.build_stacks(c.block_spec, c.n_encoder_layers, c.n_decoder_layers, final_norms=True)
         self.head = nn.Linear(c.d_model, c.n_image_tokens, bias=False)
         self.reset_parameters()

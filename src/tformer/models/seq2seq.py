@@ -20,6 +20,7 @@ from tformer.models.encoder_decoder import (BlockSpec, BoundDecoder, DecoderConf
                                             EncoderDecoderCache, positions_of)
 from tformer.nn import SinusoidalPositions, TokenEmbedding
 from tformer.nn.attend import BACKENDS
+from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.norm import NORMS
 
@@ -111,7 +112,7 @@ class Seq2Seq(EncoderDecoder):
         self.tgt_emb = (self.src_emb if c.share_embeddings else
                         TokenEmbedding(c.target_vocab_size, c.d_model, scale=c.scale_embeddings))
         self.pos = SinusoidalPositions(c.context_length, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.build_stacks(c.block_spec, c.n_encoder_layers, c.n_decoder_layers, final_norms=c.has_final_norm)
         self.out_proj = nn.Linear(c.d_model, c.target_vocab_size, bias=False)
         self.reset_parameters()

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
 from tformer.nn import MLP, Block, Mask, TokenEmbedding, causal
+from tformer.nn.dropout import Dropout
 from tformer.nn.relative import (BACKENDS, RelativeInputs, RelativeMultiHeadAttention,
                                  relative_sinusoids)
 
@@ -138,7 +139,7 @@ class TransformerXL(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = TokenEmbedding(config.vocab_size, config.d_model, scale=True)  # x sqrt(d)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.layers = nn.ModuleList(build_layer(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model) if config.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tformer.config import ConfigError, check_choice, check_fraction, check_positive
 from tformer.nn import MLP, Block, MultiHeadAttention, PatchEmbedding, make_activation, make_norm
 from tformer.nn.attend import BACKENDS
+from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
 from tformer.nn.norm import NORMS
 
@@ -151,7 +152,7 @@ class ViT(nn.Module):
             if config.pooling == "cls":
                 table = torch.cat([torch.zeros(1, d), table])
             self.register_buffer("pos_emb", table.unsqueeze(0), persistent=False)  # (1, N(+1), d)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(build_block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config.norm, d, eps=config.norm_eps)
         self.head = nn.Linear(d, config.n_classes)

@@ -15,6 +15,7 @@ from typing import Callable, Generic, Protocol, TypeVar
 from torch import Tensor, nn
 
 from tformer.nn.attention import AttentionInputs
+from tformer.nn.dropout import Dropout
 
 I = TypeVar("I", contravariant=True)  # what the injected attention reads besides x
 
@@ -39,7 +40,7 @@ class Block(nn.Module, Generic[I]):
         self.cross_norm = norm() if cross_attn is not None else None
         self.ffn, self.ffn_norm = ffn, norm()
         self.pre_norm = pre_norm
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:

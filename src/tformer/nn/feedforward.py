@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tformer.nn.dropout import Dropout
+
 ACTIVATIONS: dict[str, type[nn.Module] | tuple] = {
     "relu": nn.ReLU,  # original Transformer
     "gelu": nn.GELU,  # BERT, ViT (exact erf form)
@@ -28,7 +30,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.activation = activation
         self.down = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.dropout(self.activation(self.up(x))))
@@ -41,7 +43,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # fused [gate | up]
         self.down = nn.Linear(d_ff, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

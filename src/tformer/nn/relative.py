@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.nn.attend import ScoreBias, get_backend
+from tformer.nn.dropout import dropout as drop
 from tformer.nn.masks import Mask
 from tformer.nn.position import sinusoid_table
 from tformer.nn.probe import QKProbe, ValueProbe
@@ -113,7 +114,7 @@ def relative_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, con
     visible = mask.dense(B, H, T, K, q_offset=K - T, device=q.device)
     scores = scores.masked_fill(~visible, -math.inf)
     weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
-    return F.dropout(weights, p=dropout) @ v
+    return drop(weights, dropout) @ v
 
 
 @dataclass(frozen=True, eq=False)
