@@ -186,7 +186,7 @@ def spawn(impl: str, threads: int, args: argparse.Namespace, extra: list[str]) -
         cmd.append("--compile")
     for item in args.extra_set:
         cmd += ["--extra-set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         sys.exit(f"{impl} x {threads} threads failed:\n{out.stderr[-4000:]}")
     if args.profile:
@@ -201,10 +201,10 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 def header(args: argparse.Namespace) -> list[str]:
     import torch
 
-    return [f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
-            f"python {platform.python_version()}",
-            f"settings: steps {args.steps} timed after {args.warmup} warm-up, rounds {args.rounds}, "
-            f"compile {args.compile}, tformer extra overrides {args.extra_set or 'none'}"]
+    return [(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; "
+             f"python {platform.python_version()}"),
+            (f"settings: steps {args.steps} timed after {args.warmup} warm-up, rounds {args.rounds}, "
+             f"compile {args.compile}, tformer extra overrides {args.extra_set or 'none'}")]
 
 
 def main_profile(args: argparse.Namespace) -> None:
@@ -216,15 +216,15 @@ def main_profile(args: argparse.Namespace) -> None:
     for impl, r in results.items():
         print(f"\n{impl}, {threads} threads, per step: wall {r['wall_ms']:.2f} ms, sum of op self CPU "
               f"{r['ops_self_ms']:.2f} ms, {r['n_ops']:.0f} op calls")
-        print(f"| op | self us/step | calls/step |\n|---|---:|---:|")
+        print("| op | self us/step | calls/step |\n|---|---:|---:|")
         for row in r["ops"][:args.profile_rows]:
             print(f"| {row['op']} | {row['self_us']:.0f} | {row['calls']:.1f} |")
     ops = {impl: {row["op"]: row for row in r["ops"]} for impl, r in results.items()}
     none = {"self_us": 0.0, "calls": 0.0}
     names = sorted(set(ops["tformer"]) | set(ops["nanogpt"]), key=lambda k: -abs(
         ops["tformer"].get(k, none)["self_us"] - ops["nanogpt"].get(k, none)["self_us"]))
-    print(f"\nlargest differences, self CPU us/step (calls/step):\n"
-          f"| op | tformer | nanoGPT | tformer - nanoGPT |\n|---|---:|---:|---:|")
+    print("\nlargest differences, self CPU us/step (calls/step):\n"
+          "| op | tformer | nanoGPT | tformer - nanoGPT |\n|---|---:|---:|---:|")
     for name in names[:args.profile_rows]:
         a, b = ops["tformer"].get(name, none), ops["nanogpt"].get(name, none)
         print(f"| {name} | {a['self_us']:.0f} ({a['calls']:.0f}) | {b['self_us']:.0f} ({b['calls']:.0f}) | "
