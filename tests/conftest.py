@@ -3,6 +3,7 @@ trained 2 steps at a tiny size on local data (`trained`, once per session), a di
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from tformer.training.recipe import recipe_from_dict, train_recipe
 # The backend sweeps compile FlexAttention once per mask pattern; more than dynamo's default of 8
 # would silently fall back to the uncompiled path and stop testing the compiled kernel.
 torch._dynamo.config.recompile_limit = 64
+# Tests fix their thread counts (the `one_thread` fixture); the Trainer's contention policy
+# (tformer.cpu) would change them in the middle of a test.
+os.environ.setdefault("TFORMER_CPU_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The Trainer's behaviours on a tiny GPT: accumulation, schedule, guards, stopping, interrupts."""
 
+import json
 import logging
 import math
 import os
@@ -171,3 +172,24 @@ def test_inconsistent_batch_settings_are_refused():
         TrainConfig(batch_size=10, grad_accum=3)
     with pytest.raises(ConfigError, match="schedule='cosin'"):
         TrainConfig(schedule="cosin")
+
+
+def test_cpu_threads_follow_the_recipe_or_the_contention_policy_and_are_restored(tmp_path, monkeypatch):
+    from tformer import cpu
+
+    before = torch.get_num_threads()
+    Trainer(tiny_model(), task(), config(max_steps=4, log_every=2, threads=1), tmp_path / "fixed").fit()
+    rows = [json.loads(line) for line in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in rows if "train_loss" in r] == [1, 1]
+    assert torch.get_num_threads() == before  # the caller's count again
+    # no count fixed: the policy decides; others keeping every core busy means one thread
+    monkeypatch.delenv("TFORMER_CPU_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu.Contention, "sample", lambda self: float(cpu.usable_cores()))
+    torch.set_num_threads(2)
+    Trainer(tiny_model(), task(), config(max_steps=4, log_every=2), tmp_path / "auto").fit()
+    rows = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in rows if "train_loss" in r] == [1, 1]
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)

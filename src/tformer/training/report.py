@@ -110,7 +110,7 @@ class Reporter:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, threads: int | None = None) -> None:
         if not self.enabled:
             return
         if self.start_step is None:
@@ -122,7 +122,7 @@ class Reporter:
         filled = int(width * step / max(1, self.max_steps))
         bar = "#" * filled + "." * (width - filled)
         line = (f"[{bar}] step {step}/{self.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tokens_per_s:,.0f} tok/s  ETA {eta}")
+                f"{tokens_per_s:,.0f} tok/s{'' if threads is None else f' ({threads} thr)'}  ETA {eta}")
         # a terminal redraws one line; a log file or pipe gets one plain line per report
         self.stream.write(f"\r{line} " if self._terminal else f"{line}\n")
         self.stream.flush()

@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"
+    threads: int | None = None  # CPU intra-op threads; None: one per core other processes leave free
     # Adversarial training (classification tasks): "none"; "pgd" (images: an L-inf PGD attack in
     # pixel space, [0, 1] kept); "embedding" (text: a perturbation of the token embeddings, FreeLB /
     # PGD-style). The loss is (1 - weight) * clean + weight * adversarial.
@@ -56,7 +57,7 @@ class TrainConfig:
             check_positive(f"training.{name}", getattr(self, name), allow_zero=True)
         for name in ("beta1", "beta2"):
             check_fraction(f"training.{name}", getattr(self, name))
-        for name in ("checkpoint_every", "early_stop_patience", "min_lr"):
+        for name in ("checkpoint_every", "early_stop_patience", "min_lr", "threads"):
             if getattr(self, name) is not None:
                 check_positive(f"training.{name}", getattr(self, name), allow_zero=name == "min_lr")
         self._check_warmup()

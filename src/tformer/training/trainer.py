@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from tformer import cpu
 from tformer.config import ConfigError
 from tformer.runs import checkpoint
 from tformer.training import distributed, rundir
@@ -77,6 +78,20 @@ class Trainer:
         self.stopped_early, self._stop_requested = False, False
         self._eval_batches: list[Batch] = []
         self.seen = (0.0, 0.0)  # tokens and examples trained on since the last progress line
+        self.threads: cpu.ThreadPolicy | None = None  # set when fit starts
+
+    def _thread_policy(self) -> cpu.ThreadPolicy | None:
+        """On CPU: the recipe's training.threads or TFORMER_CPU_THREADS if set; else, for one
+        process whose environment fixes no count, a policy that keeps one thread per core other processes leave free."""
+        if self.world.device.type != "cpu":
+            return None
+        fixed = self.config.threads or cpu.requested_threads()
+        if fixed is not None:
+            torch.set_num_threads(fixed)
+            return None
+        if self.world.distributed or cpu.fixed_by_user():
+            return None
+        return cpu.ThreadPolicy()
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -198,7 +213,7 @@ class Trainer:
         """Train to max_steps (or an early stop), resuming checkpoints/last when `resume`.
         Ctrl-C stops at the end of the current step and saves; a second Ctrl-C stops at once.
         Only a new, empty or tformer run directory is used, by one process at a time (`rundir`)."""
-        with rundir.claim(self.run_dir, main=self.world.is_main):
+        with rundir.claim(self.run_dir, main=self.world.is_main), cpu.restored_threads():
             result = self._fit(resume)
             if self.world.is_main and not result.interrupted:
                 rundir.write_marker(self.run_dir, finished=True)
@@ -214,6 +229,9 @@ class Trainer:
             return self._result()
         self.check_data()
         self.model.train()
+        self.threads = self._thread_policy()
+        if self.threads is not None:
+            self.threads.settle()
         with self._graceful_interrupt():
             try:
                 self._loop()
@@ -273,9 +291,12 @@ class Trainer:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 tokens_per_s, examples_per_s = self.seen[0] / elapsed, self.seen[1] / elapsed
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.reporter.log({"step": self.step, "train_loss": loss, "lr": lr,
-                                   "tokens_per_s": tokens_per_s, "examples_per_s": examples_per_s})
-                self.reporter.progress(self.step, loss, lr, tokens_per_s)
+                threads = torch.get_num_threads() if self.world.device.type == "cpu" else None
+                self.reporter.log({"step": self.step, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                                   "examples_per_s": examples_per_s, "threads": threads})
+                self.reporter.progress(self.step, loss, lr, tokens_per_s, threads)
+                if self.threads is not None:
+                    self.threads.update()
                 window_start, self.seen = time.perf_counter(), (0.0, 0.0)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.eval_every == 0 or at_end:

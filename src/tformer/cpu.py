@@ -1,0 +1,165 @@
+"""How many CPU threads torch should use, from the cores that other work leaves free.
+
+torch's intra-op threads synchronise at every operator: when another process holds one of the
+cores, a 2-thread operator waits for the slower thread, and small models run several times slower
+than on one thread (measured on this project's 2-core machine: the demo's step went from 93 ms
+quiet to 249 ms at 2 threads beside two busy processes, 183 ms at 1 thread). `Contention` measures
+the cores that *other* processes kept busy over a window (all cores' busy time from /proc/stat,
+minus this process's own CPU time), and `threads_for` keeps one thread per core left free.
+
+Linux only (/proc/stat); elsewhere, or when the user fixed a count (OMP_NUM_THREADS,
+MKL_NUM_THREADS, TFORMER_CPU_THREADS=N, or a recipe's training.threads), nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+PROC_STAT = Path("/proc/stat")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _busy_and_total_seconds() -> tuple[float, float] | None:
+    """All cores' busy and total seconds since boot (/proc/stat's first line), or None."""
+    try:
+        fields = PROC_STAT.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    ticks = [int(v) for v in fields[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class Contention:
+    """Cores kept busy by other processes since the last `sample()` (or since creation)."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float] | None:
+        system = _busy_and_total_seconds()
+        if system is None:
+            return None
+        return system[0], system[1], _own_seconds(), time.monotonic()
+
+    def sample(self) -> float | None:
+        """Busy cores (0.0 .. all cores) used by others over the window; None where unknown or
+        the window was too short to say (under 50 ms)."""
+        now = self._read()
+        start, self._start = self._start, now
+        if start is None or now is None or now[3] - start[3] < 0.05:
+            return None
+        wall = now[3] - start[3]
+        others = (now[0] - start[0]) - (now[2] - start[2])
+        return max(0.0, others / wall)
+
+
+def threads_for(others_busy: float, cores: int) -> int:
+    """One thread per core the other processes leave free (at least one)."""
+    return max(1, min(cores, int(cores - others_busy + 0.5)))
+
+
+FIXING_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TFORMER_CPU_THREADS")
+
+
+def requested_threads() -> int | None:
+    """TFORMER_CPU_THREADS as a thread count, or None when unset."""
+    value = os.environ.get("TFORMER_CPU_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"TFORMER_CPU_THREADS={value!r} is not a thread count: set a whole number of "
+                         "threads (e.g. 1), or unset it to let tformer use the cores other work leaves free")
+    return int(value)
+
+
+def fixed_by_user() -> bool:
+    """Whether the environment fixes torch's thread count (then tformer leaves it alone)."""
+    return any(os.environ.get(name) for name in FIXING_VARIABLES)
+
+
+class ThreadPolicy:
+    """Adapts torch's intra-op thread count to contention, measured over each window between
+    `update()` calls. Two windows in a row must agree before the count changes, so one busy
+    moment does not flip it."""
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = cores or usable_cores()
+        self.contention = Contention()
+        self._pending: int | None = None
+
+    def settle(self, seconds: float = 0.1) -> int:
+        """Measure for `seconds` now and set the count at once (before work starts)."""
+        self.contention = Contention()
+        time.sleep(seconds)
+        others = self.contention.sample()
+        if others is not None:
+            self._set(threads_for(others, self.cores), others)
+        return self.current()
+
+    def update(self) -> int | None:
+        """Re-measure since the last call; returns the new count when it changed."""
+        others = self.contention.sample()
+        if others is None:
+            return None
+        wanted = threads_for(others, self.cores)
+        if wanted == self.current():
+            self._pending = None
+            return None
+        if self._pending != wanted:
+            self._pending = wanted
+            return None
+        self._pending = None
+        self._set(wanted, others)
+        return wanted
+
+    @staticmethod
+    def current() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    def _set(self, threads: int, others: float) -> None:
+        import torch
+
+        if threads != torch.get_num_threads():
+            log.info("CPU threads %d -> %d (other processes keep %.1f of %d cores busy)",
+                     torch.get_num_threads(), threads, others, self.cores)
+            torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def restored_threads() -> Iterator[None]:
+    """Whatever a policy changes inside, torch's thread count is the caller's again afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
