@@ -15,6 +15,7 @@ from tformer.inference.generate import MAX_ROWS, check_count, check_number, prep
 from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
 from tformer.nn.modes import evaluating
+from tformer.nn.packed import packed_linears
 
 MAX_BEAM_WIDTH = 256  # every beam is a decoded row with its own KV cache; 4-10 is usual for translation
 MAX_LENGTH_PENALTY = 10.0  # score = log_prob / length ** penalty stays finite for any length we allow
@@ -113,7 +114,7 @@ def beam_search(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], beam_wid
                 "each beam keeps a KV cache in memory; give fewer prompts per call or fewer beams")
     finished = [_Finished(W, length_penalty) for _ in range(B)]
     done = [False] * B
-    with evaluating(model), torch.inference_mode():  # type: ignore[arg-type]
+    with evaluating(model), torch.inference_mode(), packed_linears(model):  # type: ignore[arg-type]
         cache, logits = _prefill(model, ids, mask, W, max_new_tokens)  # logits: (B * W, V)
         beam_scores = torch.full((B, W), -math.inf, device=ids.device)
         beam_scores[:, 0] = 0.0  # only beam 0 is live at first, so no duplicate beams

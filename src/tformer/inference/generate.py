@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tformer.models.protocols import CausalLM
 from tformer.nn import check_token_ids
+from tformer.nn.packed import packed_linears
 
 # Upper bounds on the sizes a user types. Each one keeps a typo (--beam 100000) from hanging the
 # machine or exhausting its memory: decoding state grows with rows x length.
@@ -181,6 +182,38 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
     return ids.to(device), mask.to(device)
 
 
+def _decode(model: CausalLM, ids: Tensor, mask: Tensor, max_new_tokens: int, sampling: Sampling,
+            seen: Tensor | None, generator: torch.Generator | None, stop: Tensor, pad: int, context: int,
+            cache_len: int, sliding: bool) -> Iterator[Tensor]:
+    """The prefill and the decode loop of `stream` (its arguments already checked)."""
+    B, T = ids.shape
+    with torch.inference_mode():
+        cache = model.new_cache(B, cache_len)
+        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    used, finished = T, torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        with torch.inference_mode():
+            token = choose_next(logits, sampling, seen, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+        yield token
+        with torch.inference_mode():
+            finished |= torch.isin(token, stop)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                return
+            if seen is not None:
+                seen[torch.arange(B), token] = True
+            ids = torch.cat([ids, token.unsqueeze(1)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if used == cache_len:  # only when sliding: restart from the last half context
+                keep = max(1, context // 2)
+                cache = model.new_cache(B, cache_len)
+                logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
+                used = keep
+            else:
+                logits = model(token.unsqueeze(1), cache=cache)[:, -1]
+                used += 1
+
+
 def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
            sampling: Sampling | None = None, *, attention_mask: Tensor | None = None,
            stop_tokens: Sequence[int] = (), pad_id: int | None = None, seed: int | None = None,
@@ -214,31 +247,9 @@ def stream(model: CausalLM, ids: Tensor | Sequence[Sequence[int]], max_new_token
     was_training = model.training  # type: ignore[attr-defined]
     model.eval()  # type: ignore[attr-defined]
     try:  # grad mode is set per call, not across `yield`, so the caller's code runs unaffected
-        with torch.inference_mode():
-            cache = model.new_cache(B, cache_len)
-            logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
-        used, finished = T, torch.zeros(B, dtype=torch.bool, device=ids.device)
-        for step in range(max_new_tokens):
-            with torch.inference_mode():
-                token = choose_next(logits, sampling, seen, generator)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-            yield token
-            with torch.inference_mode():
-                finished |= torch.isin(token, stop)
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    return
-                if seen is not None:
-                    seen[torch.arange(B), token] = True
-                ids = torch.cat([ids, token.unsqueeze(1)], 1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                if used == cache_len:  # only when sliding: restart from the last half context
-                    keep = max(1, context // 2)
-                    cache = model.new_cache(B, cache_len)
-                    logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
-                    used = keep
-                else:
-                    logits = model(token.unsqueeze(1), cache=cache)[:, -1]
-                    used += 1
+        with packed_linears(model):  # bf16 on CPU: weights packed once (nn.packed)
+            yield from _decode(model, ids, mask, max_new_tokens, sampling, seen, generator, stop, pad,
+                               context, cache_len, sliding)
     finally:
         model.train(was_training)  # type: ignore[attr-defined]
 
