@@ -78,6 +78,18 @@ class Contention:
         return max(0.0, others / wall)
 
 
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 matrix units (Linux: /proc/cpuinfo's amx_bf16 flag)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def threads_for(others_busy: float, cores: int) -> int:
     """One thread per core the other processes leave free (at least one)."""
     return max(1, min(cores, int(cores - others_busy + 0.5)))

@@ -164,3 +164,22 @@ def test_flex_gradients_match_sdpa_on_gpu(name):
         grads.append([t.grad for t in (q, k, v)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_low_precision_attention_with_gradients_runs_in_fp32_on_cpu(head_dim):
+    # SDPA's bf16 CPU backward is slow for narrow heads: such attention is computed in fp32 (even
+    # under autocast) and returned in bf16; values and gradients follow the fp32 reference
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, head_dim) for _ in range(3))
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    expected = sdpa_attend(*ref, masks.causal())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attend(*low, masks.causal())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    expected.sum().backward()
+    out.float().sum().backward()
+    for a, b in zip(low, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)

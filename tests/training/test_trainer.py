@@ -193,3 +193,19 @@ def test_cpu_threads_follow_the_recipe_or_the_contention_policy_and_are_restored
     assert [r["threads"] for r in rows if "train_loss" in r] == [1, 1]
     assert torch.get_num_threads() == 2
     torch.set_num_threads(before)
+
+
+def test_auto_precision_is_bf16_on_amx_cpus_for_models_at_least_128_wide(monkeypatch):
+    from tformer import cpu
+    from tformer.training.trainer import autocast_dtype
+
+    wide = torch.nn.Sequential(torch.nn.Linear(128, 4))
+    narrow = torch.nn.Sequential(torch.nn.Linear(64, 4))
+    cpu_device = torch.device("cpu")
+    monkeypatch.setattr(cpu, "has_amx_bf16", lambda: True)
+    assert autocast_dtype("auto", cpu_device, wide) == torch.bfloat16
+    assert autocast_dtype("auto", cpu_device, narrow) is None
+    assert autocast_dtype("fp32", cpu_device, wide) is None
+    monkeypatch.setattr(cpu, "has_amx_bf16", lambda: False)
+    assert autocast_dtype("auto", cpu_device, wide) is None
+    assert autocast_dtype("bf16", cpu_device, narrow) == torch.bfloat16

@@ -27,7 +27,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on GPUs that have it and on AMX CPUs for models >= 128 wide
     eval_every: int = 250
     eval_batches: int = 20
     checkpoint_every: int | None = None  # None: with every evaluation
