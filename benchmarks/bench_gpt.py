@@ -58,15 +58,16 @@ def build(impl: str, args: argparse.Namespace) -> torch.nn.Module:
 
 def train_case(impl: str, args: argparse.Namespace) -> dict:
     model = build(impl, args).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused or args.device == "cuda")
     step_model = torch.compile(model) if args.compile else model
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq + 1), device=args.device)
 
     def step() -> None:
-        logits = step_model(ids[:, :-1])
-        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.autocast):
+            logits = step_model(ids[:, :-1])
+            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -140,6 +141,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
+    parser.add_argument("--fused", action="store_true", help="fused AdamW on CPU too (both implementations)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -153,7 +156,8 @@ def main() -> None:
         print(json.dumps(run_case(args.only, args)))
         return
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print(f"# {args.preset} batch={args.batch} seq={args.seq} dtype={args.dtype} compile={args.compile} "
+    print(f"# {args.preset} batch={args.batch} seq={args.seq} dtype={args.dtype} autocast={args.autocast} "
+          f"fused={args.fused} compile={args.compile} "
           f"device={device} threads={args.threads} torch={torch.__version__}")
     print(f"{'case':<20} {'tokens/s':>10} {'ms/token':>9} {'peak MiB':>9}")
     for case in args.cases.split(","):

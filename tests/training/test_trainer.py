@@ -209,3 +209,22 @@ def test_auto_precision_is_bf16_on_amx_cpus_for_models_at_least_128_wide(monkeyp
     monkeypatch.setattr(cpu, "has_amx_bf16", lambda: False)
     assert autocast_dtype("auto", cpu_device, wide) is None
     assert autocast_dtype("bf16", cpu_device, narrow) == torch.bfloat16
+
+
+def test_the_fused_cpu_optimizer_matches_the_foreach_one():
+    from tformer.training.optim import build_optimizer
+
+    torch.manual_seed(3)
+    fused_model = tiny_model()
+    plain_model = tiny_model()
+    fused = build_optimizer(fused_model, 1e-2, 0.1, (0.9, 0.95))
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(parameter_groups(plain_model, 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    ids = torch.randint(0, VOCAB, (4, 16))
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            model(ids).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):  # within 0.5% of one step (lr)
+        torch.testing.assert_close(a, b, rtol=0, atol=0.005 * 1e-2)
