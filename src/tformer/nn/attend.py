@@ -118,11 +118,13 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None, *
     dense_mask, dense_bias = _dense_mask_and_bias(q, k, mask, bias, q_offset)
     if dense_bias is not None:
         scores = scores + dense_bias
-    if dense_mask is not None:
-        scores = scores.masked_fill(~dense_mask, -math.inf)
+    if dense_mask is not None:  # in place: `scores` is fresh and no backward reads it
+        scores = scores.masked_fill_(~dense_mask, -math.inf)
     weights = torch.softmax(scores, dim=-1)
     if dense_mask is not None:  # a row with no visible key is all -inf: softmax gives NaN
-        weights = weights.masked_fill(~dense_mask.any(-1, keepdim=True), 0.0)
+        empty = ~dense_mask.any(-1, keepdim=True)
+        if torch.compiler.is_compiling() or bool(empty.any()):  # (a copy of B x H x Tq x Tk only then)
+            weights = weights.masked_fill(empty, 0.0)
     weights = weights.to(q.dtype)
     return drop(weights, dropout) @ v, weights
 

