@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tformer.cli import main
 from tformer.config import load_mapping
@@ -72,6 +73,9 @@ def test_tformer_predict_on_every_kind_of_run(trained: dict, seven_png: Path, tm
     assert main(["predict", str(trained["bert-sentiment"]), "good film", "--file", str(sentences), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["input"] for r in rows] == ["good film", "the film was fine", "dull war"]
+    assert main(["predict", str(trained["bert-sentiment"]), "good film", "--json", "--precision", "bf16"]) == 0
+    fast = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert fast["input"] == "good film" and set(fast["probabilities"]) == set(rows[0]["probabilities"])
     assert all(set(r["probabilities"]) == {"neg", "pos"} for r in rows)
     assert main(["predict", str(trained["vit-fashion-mnist"]), str(seven_png)]) == 0
     assert capsys.readouterr().out.endswith("seven.png\n")
@@ -109,3 +113,23 @@ def test_bad_input_is_one_clear_line(args: list, message: str, trained: dict, se
     assert main(["predict", *[a.format(**names) for a in args]]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_pipeline_in_bf16_does_the_same_on_every_kind_of_run(trained: dict, seven_png: Path) -> None:
+    """--precision bf16: weights cast once; every verb runs and answers like fp32 (labels, tokens
+    drawn from the same vocabulary, images of the same shape)."""
+    for name in ("bert-sentiment", "vit-mnist"):
+        inputs = [str(seven_png)] if name == "vit-mnist" else ["the film was fine", "dull war"]
+        fp32, bf16 = pipeline(trained[name]).classify(inputs), pipeline(trained[name], precision="bf16").classify(inputs)
+        for a, b in zip(fp32, bf16):
+            assert set(a.probabilities) == set(b.probabilities)
+            for label, p in a.probabilities.items():
+                assert abs(p - b.probabilities[label]) < 0.05
+    fast = pipeline(trained["gpt-shakespeare-char"], precision="bf16")
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(fast.generate("the king", 8, seed=0), str)
+    assert len(pipeline(trained["nmt-en-es"], precision="bf16").translate(["the king"])) == 1
+    images = pipeline(trained["image-gen-digits"], precision="bf16").draw(["seven"], 2, seed=0)
+    assert images.shape[0] == 2 and images.dtype == np.uint8
+    with pytest.raises(ValueError, match="precision 'fp8' is not one of fp32, bf16"):
+        pipeline(trained["vit-mnist"], precision="fp8")

@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tformer.inference.generate import text_sampling
     from tformer.inference.pipeline import pipeline
 
-    p = pipeline(args.run_dir, args.checkpoint)
+    p = pipeline(args.run_dir, args.checkpoint, precision=args.precision)
     if "draw" in p.verbs:
         return generate_image_grid(args, p)
     if args.conditions:
@@ -122,7 +122,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
         lines = split_lines(read_text_file(args.input, "--input"))
     else:
         lines = args.text or split_lines(sys.stdin.read())
-    p = pipeline(args.run_dir, args.checkpoint)
+    p = pipeline(args.run_dir, args.checkpoint, precision=args.precision)
     text = "".join(f"{line}\n" for line in translate_aligned(p, lines, args.beam))
     if args.output is None:
         sys.stdout.write(text)
@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from tformer.inference.images import save_image_grid
     from tformer.inference.pipeline import pipeline
 
-    p = pipeline(args.run_dir, args.checkpoint)
+    p = pipeline(args.run_dir, args.checkpoint, precision=args.precision)
     if not p.verbs:
         raise p.refuse("predict")
     inputs = read_inputs(args)
