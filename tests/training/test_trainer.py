@@ -199,8 +199,8 @@ def test_auto_precision_is_bf16_on_amx_cpus_for_models_at_least_128_wide(monkeyp
     from tformer import cpu
     from tformer.training.trainer import autocast_dtype
 
-    wide = torch.nn.Sequential(torch.nn.Linear(128, 4))
-    narrow = torch.nn.Sequential(torch.nn.Linear(64, 4))
+    wide = torch.nn.Sequential(torch.nn.Linear(128, 512), torch.nn.Linear(512, 128))
+    narrow = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))  # a 64-wide MLP
     cpu_device = torch.device("cpu")
     monkeypatch.setattr(cpu, "has_amx_bf16", lambda: True)
     assert autocast_dtype("auto", cpu_device, wide) == torch.bfloat16
