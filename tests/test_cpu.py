@@ -68,3 +68,15 @@ def test_restored_threads_and_requested_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     assert cpu.requested_threads() is None and not cpu.fixed_by_user()
+
+
+def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert cpu.keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    for name in cpu.GLIBC_MALLOC_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert cpu.keep_freed_memory() is True
