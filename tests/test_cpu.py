@@ -80,3 +80,15 @@ def test_keep_freed_memory_respects_the_users_malloc_settings(monkeypatch):
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert cpu.keep_freed_memory() is True
+
+
+def test_the_cli_honours_a_fixed_thread_count_and_refuses_a_bad_one(monkeypatch, capsys):
+    from tformer.cli import main
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("TFORMER_CPU_THREADS", "lots")
+    assert main(["data", "list"]) == 2
+    assert "TFORMER_CPU_THREADS='lots' is not a thread count" in capsys.readouterr().err
+    monkeypatch.setenv("TFORMER_CPU_THREADS", "1")
+    assert main(["data", "list"]) == 0
+    assert torch.get_num_threads() == before  # main() gives the caller its count back

@@ -218,10 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    cpu.keep_freed_memory()  # fewer page faults per training step (see tformer.cpu)
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        return func(args) or 0
+        cpu.keep_freed_memory()  # fewer page faults per training step (see tformer.cpu)
+        with cpu.restored_threads():  # a Python caller of main() keeps its own count
+            cpu.choose_threads()  # beside busy processes, fewer threads than cores (the Trainer re-checks)
+            return func(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return INTERRUPTED
