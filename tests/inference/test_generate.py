@@ -172,3 +172,18 @@ def test_streaming_does_not_leak_inference_mode_to_the_caller(model):
 def test_right_padding_is_refused(model):
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, torch.tensor([[1, 2, 0]]), 2, attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_next_logits_is_the_last_row_of_the_logits_with_padding_and_a_cache(position):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=32, n_layers=2, n_heads=2, d_model=16,
+                          position=position)).eval()
+    ids, mask = pad_prompts([[3, 4, 5, 6, 7], [8, 9]])  # left padding
+    with torch.no_grad():
+        full_cache, fast_cache = model.new_cache(2, 16), model.new_cache(2, 16)
+        full = model(ids, attention_mask=mask, cache=full_cache)[:, -1]
+        fast = model.next_logits(ids, attention_mask=mask, cache=fast_cache)
+        torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
+        step = torch.tensor([[10], [11]])  # and the caches they leave behind decode alike
+        torch.testing.assert_close(model(step, cache=fast_cache), model(step, cache=full_cache), rtol=0, atol=1e-6)

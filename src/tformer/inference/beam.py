@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tformer.inference.generate import MAX_ROWS, check_count, check_number, prepare_prompt
+from tformer.inference.generate import MAX_ROWS, check_count, check_number, last_logits, prepare_prompt
 from tformer.models.protocols import CausalLM
 from tformer.nn import KVCache
 from tformer.nn.modes import evaluating
@@ -149,7 +149,7 @@ def _prefill(model: CausalLM, ids: Tensor, mask: Tensor, width: int,
     Returns the cache (batch B * W) and the next-token logits (B * W, V)."""
     B, T = ids.shape
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+    logits = last_logits(model, ids, mask, cache)  # (B, V)
     expand = torch.arange(B, device=ids.device).repeat_interleave(width)  # (B * W,): 0,0,..,1,1,..
     cache.reorder(expand)
     return cache, logits.index_select(0, expand)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -182,6 +182,15 @@ def prepare_prompt(model: CausalLM, ids: Tensor | Sequence[Sequence[int]],
     return ids.to(device), mask.to(device)
 
 
+def last_logits(model: CausalLM, ids: Tensor, mask: Tensor | None, cache: Any) -> Tensor:
+    """Next-token logits (B, V) after `ids`: the model's `next_logits` where it has one (no LM head
+    at the other positions), else the last row of its logits."""
+    fast = getattr(model, "next_logits", None)
+    if fast is not None:
+        return fast(ids, attention_mask=mask, cache=cache)
+    return model(ids, attention_mask=mask, cache=cache)[:, -1]
+
+
 def _decode(model: CausalLM, ids: Tensor, mask: Tensor, max_new_tokens: int, sampling: Sampling,
             seen: Tensor | None, generator: torch.Generator | None, stop: Tensor, pad: int, context: int,
             cache_len: int, sliding: bool) -> Iterator[Tensor]:
@@ -189,7 +198,7 @@ def _decode(model: CausalLM, ids: Tensor, mask: Tensor, max_new_tokens: int, sam
     B, T = ids.shape
     with torch.inference_mode():
         cache = model.new_cache(B, cache_len)
-        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+        logits = last_logits(model, ids, mask, cache)
     used, finished = T, torch.zeros(B, dtype=torch.bool, device=ids.device)
     for step in range(max_new_tokens):
         with torch.inference_mode():
@@ -207,7 +216,7 @@ def _decode(model: CausalLM, ids: Tensor, mask: Tensor, max_new_tokens: int, sam
             if used == cache_len:  # only when sliding: restart from the last half context
                 keep = max(1, context // 2)
                 cache = model.new_cache(B, cache_len)
-                logits = model(ids[:, -keep:], attention_mask=mask[:, -keep:], cache=cache)[:, -1]
+                logits = last_logits(model, ids[:, -keep:], mask[:, -keep:], cache)
                 used = keep
             else:
                 logits = model(token.unsqueeze(1), cache=cache)[:, -1]

@@ -25,7 +25,8 @@ from torch import Tensor
 @runtime_checkable
 class CausalLM(Protocol):
     """`model(ids, attention_mask=..., cache=...) -> logits (B, T, V)`; `config.vocab_size`,
-    `config.context_length`."""
+    `config.context_length`. Optionally `next_logits(ids, attention_mask=, cache=) -> (B, V)`, the
+    last position's logits alone (generation's prefill then skips the LM head elsewhere)."""
 
     config: Any
 
