@@ -80,7 +80,12 @@ def train_case(impl: str, args: argparse.Namespace) -> dict:
         step()
     sync(args.device)
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": args.batch * args.seq * args.steps / seconds}
+    tokens_per_s = args.batch * args.seq * args.steps / seconds
+    params = sum(p.numel() for p in model.parameters())
+    cfg = model.config  # nanoGPT/PaLM accounting: 6N per token, plus attention's 12 * layers * d * T
+    d, layers = getattr(cfg, "d_model", getattr(cfg, "n_embd", 0)), getattr(cfg, "n_layers", getattr(cfg, "n_layer", 0))
+    flops_per_token = 6 * params + 12 * layers * d * args.seq
+    return {"tokens_per_s": tokens_per_s, "tflops": flops_per_token * tokens_per_s / 1e12}
 
 
 def decode_case(impl: str, cache: str | None, args: argparse.Namespace) -> dict:
@@ -143,6 +148,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--autocast", action="store_true", help="train under bf16 autocast (fp32 weights)")
     parser.add_argument("--fused", action="store_true", help="fused AdamW on CPU too (both implementations)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak "
+                        "(H100/H200 SXM: 989) to print model FLOPs utilisation")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default=",".join(CASES))
@@ -159,7 +166,7 @@ def main() -> None:
     print(f"# {args.preset} batch={args.batch} seq={args.seq} dtype={args.dtype} autocast={args.autocast} "
           f"fused={args.fused} compile={args.compile} "
           f"device={device} threads={args.threads} torch={torch.__version__}")
-    print(f"{'case':<20} {'tokens/s':>10} {'ms/token':>9} {'peak MiB':>9}")
+    print(f"{'case':<20} {'tokens/s':>10} {'ms/token':>9} {'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6}")
     for case in args.cases.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--only", case]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -169,7 +176,9 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
         ms = f"{r['ms_per_token']:.2f}" if "ms_per_token" in r else "-"
-        print(f"{case:<20} {tps:>10} {ms:>9} {r['peak_mib']:>9.0f}", flush=True)
+        tflops = f"{r['tflops']:.1f}" if "tflops" in r else "-"
+        mfu = f"{r['tflops'] / args.peak_tflops:.0%}" if "tflops" in r and args.peak_tflops else "-"
+        print(f"{case:<20} {tps:>10} {ms:>9} {r['peak_mib']:>9.0f} {tflops:>8} {mfu:>6}", flush=True)
 
 
 if __name__ == "__main__":
