@@ -217,7 +217,7 @@ def attack_image_data(run: Any, args: argparse.Namespace, folder: Path, method: 
 
     from tformer.analysis.image_robustness import (blur_sweep, noise_sweep, occlusion_sweep, pgd_sweep,
                                                    plot_sweeps, write_adversarial_grid)
-    from tformer.cli.ood_command import image_splits
+    from tformer.analysis.heldout import image_splits
     from tformer.files import write_json_atomic
 
     _, held = image_splits(run, args.data, args.seed)
@@ -300,7 +300,7 @@ def attack_texts(run: Any, args: argparse.Namespace, inputs: list[str] | None, f
 
 def attack_text_data(run: Any, args: argparse.Namespace, folder: Path, method: str) -> None:
     from tformer.analysis.text_robustness import plot_typo_sweeps, typo_sweep
-    from tformer.cli.ood_command import text_splits
+    from tformer.analysis.heldout import text_splits
     from tformer.files import write_json_atomic, write_text_atomic
 
     _, held = text_splits(run, args.data, None, args.seed)
