@@ -35,6 +35,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_line_error():
+    """`one_line_error(call)`: call raises a ValueError whose message is one line; returns it."""
+    def check(call) -> str:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    return check
+
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "src" / "tformer" / "recipes").glob("*.yaml"))
 WORDS = "the king queen good bad love war lord my speaks of and fine dull great poor film".split()
 

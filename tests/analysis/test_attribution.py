@@ -203,14 +203,7 @@ def test_peak_memory_does_not_grow_with_steps():
     assert growth[256] < growth[32] + 32, growth
 
 
-def one_line_error(call) -> str:
-    with pytest.raises(ValueError) as error:
-        call()
-    assert "\n" not in str(error.value)
-    return str(error.value)
-
-
-def test_bad_input_is_one_line():
+def test_bad_input_is_one_line(one_line_error):
     ids, mask = sentences()
     b, g = bert(), gpt()
     explained = text_class(b, ids, mask)

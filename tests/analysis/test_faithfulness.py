@@ -215,14 +215,7 @@ def test_random_ranking_is_seeded():
     assert random_ranking((3, 5)).shape == (3, 5)
 
 
-def one_line_error(call) -> str:
-    with pytest.raises(ValueError) as error:
-        call()
-    assert "\n" not in str(error.value)
-    return str(error.value)
-
-
-def test_bad_input_is_one_line():
+def test_bad_input_is_one_line(one_line_error):
     b, (ids, mask) = bert(), sentences()
     v, x = vit(), images(2)
     good_text, good_image = torch.zeros(2, 9), torch.zeros(2, 16)
