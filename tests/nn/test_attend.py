@@ -183,3 +183,19 @@ def test_low_precision_attention_with_gradients_runs_in_fp32_on_cpu(head_dim):
     out.float().sum().backward()
     for a, b in zip(low, ref):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_a_single_query_step_on_cpu_builds_no_block_mask(monkeypatch):
+    # decode steps change offset and padding every step: flex would build a BlockMask each time
+    import torch.nn.attention.flex_attention as flex_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a one-row step must not build a BlockMask")
+
+    monkeypatch.setattr(flex_module, "create_block_mask", refuse)
+    q, k, v = qkv()
+    mask = masks.causal() & masks.sliding_window(6)
+    full = reference(q, k, v, dense_of(mask))
+    with torch.no_grad():
+        step = flex_attend(q[:, :, -1:], k, v, mask, q_offset=torch.tensor(T - 1))
+    torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=0)
