@@ -226,7 +226,7 @@ def test_bad_input_is_one_line(one_line_error):
         lambda: conditional_token(image_gen(), torch.tensor([[2]]), torch.tensor([[start, 0, 1]]), token=start))
 
 
-def test_each_output_token_equals_one_conditional_token_per_position():
+def test_each_output_token_equals_one_conditional_token_per_position(one_line_error):
     """A translation's every token in one batch: row t equals integrated gradients of log p(token t |
     source, decoder input[:t + 1]) alone, and the teacher-forced batch reads nothing after t."""
     s, src = seq2seq(), prompt(1, 40, 7)
