@@ -33,8 +33,8 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _busy_and_total_seconds() -> tuple[float, float] | None:
-    """All cores' busy and total seconds since boot (/proc/stat's first line), or None."""
+def _busy_seconds() -> float | None:
+    """All cores' busy seconds since boot (/proc/stat's first line), or None."""
     try:
         fields = PROC_STAT.read_text().split("\n", 1)[0].split()
     except OSError:
@@ -44,8 +44,7 @@ def _busy_and_total_seconds() -> tuple[float, float] | None:
     # user nice system idle iowait irq softirq steal (guest time is already inside user)
     ticks = [int(v) for v in fields[1:9]]
     hz = os.sysconf("SC_CLK_TCK")
-    idle = ticks[3] + ticks[4]
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+    return (sum(ticks) - ticks[3] - ticks[4]) / hz  # all but idle and iowait
 
 
 def _own_seconds() -> float:
@@ -60,21 +59,20 @@ class Contention:
         self._start = self._read()
 
     @staticmethod
-    def _read() -> tuple[float, float, float, float] | None:
-        system = _busy_and_total_seconds()
-        if system is None:
-            return None
-        return system[0], system[1], _own_seconds(), time.monotonic()
+    def _read() -> tuple[float, float, float] | None:
+        """(all cores' busy seconds, this process's CPU seconds, wall clock)."""
+        busy = _busy_seconds()
+        return None if busy is None else (busy, _own_seconds(), time.monotonic())
 
     def sample(self) -> float | None:
         """Busy cores (0.0 .. all cores) used by others over the window; None where unknown or
         the window was too short to say (under 50 ms)."""
         now = self._read()
         start, self._start = self._start, now
-        if start is None or now is None or now[3] - start[3] < 0.05:
+        if start is None or now is None or now[2] - start[2] < 0.05:
             return None
-        wall = now[3] - start[3]
-        others = (now[0] - start[0]) - (now[2] - start[2])
+        wall = now[2] - start[2]
+        others = (now[0] - start[0]) - (now[1] - start[1])
         return max(0.0, others / wall)
 
 
@@ -204,15 +202,18 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def choose_threads() -> int:
-    """Set torch's thread count for what comes next: TFORMER_CPU_THREADS if set; left alone when
-    OMP/MKL_NUM_THREADS fix it; else one thread per core other processes leave free, measured
-    over 0.1 s. Returns the count in use."""
+def thread_policy(fixed: int | None = None, *, adapt: bool = True) -> ThreadPolicy | None:
+    """Set torch's thread count for what comes next. `fixed`, else TFORMER_CPU_THREADS, sets it
+    (None returned); OMP/MKL_NUM_THREADS or `adapt=False` leave it alone; otherwise one thread per
+    core other processes leave free, measured over 0.1 s, and the policy to `update()` later."""
     import torch
 
-    requested = requested_threads()
+    requested = fixed or requested_threads()
     if requested is not None:
         torch.set_num_threads(requested)
-    elif not fixed_by_user():
-        ThreadPolicy().settle()
-    return torch.get_num_threads()
+        return None
+    if not adapt or fixed_by_user():
+        return None
+    policy = ThreadPolicy()
+    policy.settle()
+    return policy

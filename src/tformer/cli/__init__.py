@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cpu.keep_freed_memory()  # fewer page faults per training step (see tformer.cpu)
         with cpu.restored_threads():  # a Python caller of main() keeps its own count
-            cpu.choose_threads()  # beside busy processes, fewer threads than cores (the Trainer re-checks)
+            cpu.thread_policy()  # beside busy processes, fewer threads than cores (the Trainer re-checks)
             return func(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -194,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\ntrained {result.step} steps in {minutes:.1f} min; validation loss {fmt(result.best_val_loss)} "
           f"nats per pixel\njudging {recipe.data.judge_samples_per_class} samples per class with an independent "
           "classifier ...", flush=True)
-    cpu.choose_threads()  # the load may have changed while it trained
+    cpu.thread_policy()  # the load may have changed while it trained
     scores = evaluate_run(recipe.run_dir)
     guided = f"generated_g{recipe.data.guidance_scale:g}"
     print(f"\n{'':<28}{'recognised':>11}{'Frechet':>9}")

@@ -93,19 +93,6 @@ class Trainer:
         self.seen = (0.0, 0.0)  # tokens and examples trained on since the last progress line
         self.threads: cpu.ThreadPolicy | None = None  # set when fit starts
 
-    def _thread_policy(self) -> cpu.ThreadPolicy | None:
-        """On CPU: the recipe's training.threads or TFORMER_CPU_THREADS if set; else, for one
-        process whose environment fixes no count, a policy that keeps one thread per core other processes leave free."""
-        if self.world.device.type != "cpu":
-            return None
-        fixed = self.config.threads or cpu.requested_threads()
-        if fixed is not None:
-            torch.set_num_threads(fixed)
-            return None
-        if self.world.distributed or cpu.fixed_by_user():
-            return None
-        return cpu.ThreadPolicy()
-
     # -- checkpoints ------------------------------------------------------------------------
     @property
     def last_path(self) -> Path:
@@ -242,9 +229,8 @@ class Trainer:
             return self._result()
         self.check_data()
         self.model.train()
-        self.threads = self._thread_policy()
-        if self.threads is not None:
-            self.threads.settle()
+        if self.world.device.type == "cpu":  # one process adapts to contention; torchrun's ranks do not
+            self.threads = cpu.thread_policy(self.config.threads, adapt=not self.world.distributed)
         with self._graceful_interrupt():
             try:
                 self._loop()
