@@ -20,6 +20,7 @@ from torch import nn
 
 from tformer.config import ConfigError, check_choice
 from tformer.models.protocols import can, capabilities
+from tformer.models.edits import EDITS_KEY, replay_edits
 from tformer.models.record import CONFIG_KEY, FAMILY_KEY, config_from_record
 from tformer.models.registry import build_model
 from tformer.runs import checkpoint
@@ -110,7 +111,10 @@ def load_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         check_fits(config, what=f"the model in {folder}", advice="it cannot be opened on this machine")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = build_model(config)
+    try:
+        model = replay_edits(build_model(config), record.get(EDITS_KEY), where=str(folder / checkpoint.CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     checkpoint.load(folder, model, with_train_state=False)
     return model.eval(), record
 

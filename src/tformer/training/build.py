@@ -21,7 +21,8 @@ from torch import nn
 
 from tformer.config import ConfigError, from_dict
 from tformer.models.protocols import can, capabilities
-from tformer.models.record import model_record
+from tformer.models.edits import edits_of, replay_edits
+from tformer.models.record import record_of
 from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config, preset_family
 from tformer.runs.memory import check_fits
 from tformer.runs.run import TOKENIZER_FILE, find_checkpoint, load_model, run_dir_of
@@ -105,7 +106,7 @@ def build(spec: ModelSpec, fields: dict[str, Any], *, seed: int, needs: type | N
     freeze(model, spec.freeze)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s (%s), %s parameters", spec.preset, family_of(model.config), f"{n:,}")
-    return model, {**model_record(model.config), **notes}
+    return model, {**record_of(model), **notes}
 
 
 def _check_fits(config: Any, preset: str) -> None:
@@ -149,7 +150,7 @@ def _from_run(spec: ModelSpec, fields: dict[str, Any], tokenizer: Any) -> tuple[
     config = from_dict(type(source.config), {**dataclasses.asdict(source.config), **spec.overrides, **fields},
                        where=f"the model of {spec.init_from} with the recipe's overrides")
     _check_fits(config, spec.preset)
-    model = type(source)(config)
+    model = replay_edits(type(source)(config), edits_of(source), where=f"the model of {spec.init_from}")
     fresh = transfer(source, model, keep_head=not changed, where=spec.init_from)  # type: ignore[arg-type]
     log.info("initialised from %s; new: %s", spec.init_from, ", ".join(fresh) or "nothing")
     return model, {INIT_KEY: str(spec.init_from)}
