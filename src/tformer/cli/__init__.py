@@ -6,6 +6,9 @@
     explain_command  explain (figures and an HTML page per input)
     attack_command   attack (adversarial inputs, robust accuracy, curves)
     ood_command      ood (out-of-distribution scores, AUROC)
+    prune_command    prune (attention heads and MLP neurons, physically removed)
+    quantize_command quantize (int8 linears for CPU inference)
+    adapter_command  adapter (a LoRA run's adapters: merge, save alone, peft format)
     tool_commands  import, tokenizer train, data list / fetch, demo
 """
 
@@ -18,9 +21,12 @@ from collections.abc import Callable, Sequence
 
 from tformer import __version__, cpu
 from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
+from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
 from tformer.cli.explain_command import add_explain_command
 from tformer.cli.ood_command import add_ood_command
+from tformer.cli.prune_command import add_prune_command
+from tformer.cli.quantize_command import add_quantize_command
 from tformer.cli.run_commands import (
     INTERRUPTED,
     cmd_evaluate,
@@ -163,6 +169,9 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     add_explain_command(sub)
     add_ood_command(sub)
     add_attack_command(sub)
+    add_prune_command(sub)
+    add_quantize_command(sub)
+    add_adapter_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
