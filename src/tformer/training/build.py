@@ -3,10 +3,13 @@ optionally `init_from` a trained run and `freeze` prefixes) plus the fields the 
 its data (vocabulary size, special ids, labels, image size ...).
 
     model: {preset: bert-mini, init_from: runs/minilm-l6, freeze: [tok_emb], dropout: 0.1}
+    model: {preset: minilm-l6, init_from: runs/minilm-l6, lora: {r: 8, alpha: 16, dropout: 0.05}}
 
 `init_from` works for every family: the run's config is the starting point, the task's fields
 replace its own (a new label set gets a fresh head), every weight whose name and shape match is
-copied, and the rest is reported.
+copied, and the rest is reported. `lora` adapts the built (or loaded) model with LoRA adapters
+(`nn.lora`; `targets` are module name patterns, every attention and MLP projection by default)
+and trains only them and the task head (`head.`); the edit is kept in the model record.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ from torch import nn
 
 from tformer.config import ConfigError, from_dict
 from tformer.models.protocols import can, capabilities
-from tformer.models.edits import edits_of, replay_edits
+from tformer.models.edits import edits_of, note_edit, replay_edits
 from tformer.models.record import record_of
 from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config, preset_family
+from tformer.nn import lora
 from tformer.runs.memory import check_fits
 from tformer.runs.run import TOKENIZER_FILE, find_checkpoint, load_model, run_dir_of
 from tformer.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-INIT_KEY, FREEZE_KEY = "init_from", "freeze"
-OWN_KEYS = ("preset", INIT_KEY, FREEZE_KEY)  # model-section keys that are not config fields
+INIT_KEY, FREEZE_KEY, LORA_KEY = "init_from", "freeze", "lora"
+OWN_KEYS = ("preset", INIT_KEY, FREEZE_KEY, LORA_KEY)  # model-section keys that are not config fields
 HEAD_PREFIX = "head."  # a family's task head; left fresh by init_from when the task fields change
 SIZE_FIELDS = ("vocab_size",)  # with init_from, data may use fewer of these than the run has
 TRAINING_COPIES = 4  # AdamW holds weights, gradients and two moments
@@ -45,6 +49,7 @@ class ModelSpec:
     init_from: str | None = None
     freeze: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # {r, alpha, dropout, targets}, checked by `lora_settings`
 
     @classmethod
     def from_section(cls, section: Any, where: str = "recipe") -> ModelSpec:
@@ -65,7 +70,8 @@ class ModelSpec:
             raise ConfigError(f"model.freeze in {where} must be a parameter prefix or a list of them "
                               f"(e.g. [tok_emb, blocks.0]), got {freeze!r}")
         overrides = {k: v for k, v in section.items() if k not in OWN_KEYS}
-        return cls(preset, init_from or None, tuple(freeze), overrides)
+        settings = lora_settings(section[LORA_KEY], where) if section.get(LORA_KEY) is not None else None
+        return cls(preset, init_from or None, tuple(freeze), overrides, settings)
 
     def check(self) -> None:
         """Validate the preset and overrides now (data-derived fields come later)."""
@@ -106,7 +112,54 @@ def build(spec: ModelSpec, fields: dict[str, Any], *, seed: int, needs: type | N
     freeze(model, spec.freeze)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s (%s), %s parameters", spec.preset, family_of(model.config), f"{n:,}")
+    if spec.lora is not None:
+        apply_lora(model, spec.lora)
     return model, {**record_of(model), **notes}
+
+
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": None}
+
+
+def lora_settings(section: Any, where: str = "recipe") -> dict[str, Any]:
+    """model.lora with its defaults; an unknown key or a bad value is one ConfigError."""
+    if section is True:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"model.lora in {where} must be a mapping, e.g. {{r: 8, alpha: 16, dropout: 0.05}}, "
+                          f"got {section!r}")
+    unknown = [k for k in section if k not in LORA_DEFAULTS]
+    if unknown:
+        raise ConfigError(f"unknown key model.lora.{unknown[0]} in {where}; keys: {', '.join(LORA_DEFAULTS)}")
+    settings = {**LORA_DEFAULTS, **section}
+    if isinstance(settings["targets"], str):
+        settings["targets"] = [settings["targets"]]
+    try:
+        lora.check_params(settings["r"], settings["alpha"], settings["dropout"])
+    except ValueError as e:
+        raise ConfigError(f"model.lora in {where}: {e}") from None
+    return settings
+
+
+def apply_lora(model: nn.Module, settings: dict[str, Any]) -> None:
+    """LoRA adapters on `model` (everything else frozen but the task head's own parameters),
+    recorded as a model edit; logs what trains."""
+    try:
+        params = lora.add_lora(model, settings["targets"], r=settings["r"], alpha=settings["alpha"],
+                               dropout=settings["dropout"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"model.lora: {e}") from None
+    shared = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+              if not name.startswith(HEAD_PREFIX)}
+    head = [name for name, p in model.named_parameters() if name.startswith(HEAD_PREFIX) and id(p) not in shared]
+    for name, param in model.named_parameters():
+        if name in head:
+            param.requires_grad_(True)
+    note_edit(model, "lora", params)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("lora: r=%d on %d linears; trainable %s of %s parameters (%.2f%%; head: %s)", settings["r"],
+             len(params["modules"]), f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             "yes" if head else "none")
 
 
 def _check_fits(config: Any, preset: str) -> None:

@@ -1,0 +1,163 @@
+"""LoRA adapters in peft's format (`adapter_config.json` + `adapter_model.safetensors`), for the
+families that have a transformers twin: GPT -> GPT2LMHeadModel, Bert -> BertModel /
+BertForSequenceClassification / BertForTokenClassification. peft itself is not needed.
+
+Module names follow transformers' (the mappings of `interop.huggingface` and `interop.hf_bert`):
+GPT-2's `c_attn`, `c_proj`, `c_fc` are Conv1D (weight (in, out): `fan_in_fan_out: true`) but
+peft keeps their adapters as (r, in) / (out, r), like ours. BERT's query/key/value are separate
+Linears where ours is one fused `qkv_proj` (rows [q | k | v]): the fused adapter B A is written as
+three adapters sharing A, each with its rows of B, which is exact; reading fuses them back when
+their A is the same. A task head trained beside the adapters goes to `modules_to_save` when
+transformers has the same head ([CLS] pooler + classifier); a mean-pooling head has none, so only
+the encoder's adapters are written (logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tformer.files import atomic_directory, read_json
+from tformer.interop import hf_bert, huggingface
+from tformer.models.bert import Bert
+from tformer.models.edits import edits_of, note_edit
+from tformer.models.gpt import GPT
+from tformer.nn import lora
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's prefix of the wrapped model's names
+UNSUPPORTED = {"use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def twin(model: nn.Module) -> tuple[str, str, bool, dict[str, list[str]], dict[str, str]]:
+    """The transformers class of `model`, the prefix of its encoder/decoder names, fan_in_fan_out,
+    our linear -> its linears (rows split equally), and our head module -> its module (those that
+    match a transformers head). A family without a twin is one ValueError."""
+    if isinstance(model, GPT):
+        huggingface.gpt_config_to_hf(model.config)  # ConfigError when GPT-2 cannot express it
+        linears = {ours.rsplit(".", 1)[0]: ["transformer." + hf.rsplit(".", 1)[0]]
+                   for hf, (ours, conv1d) in huggingface.tensor_names(model.config).items()
+                   if conv1d and hf.endswith(".weight")}
+        return "GPT2LMHeadModel", "transformer.", True, linears, {}
+    if isinstance(model, Bert):
+        config = model.config
+        with_head = config.head == "token" or (config.head == "sequence" and config.pooling == "cls")
+        cls = {"sequence": "BertForSequenceClassification", "token": "BertForTokenClassification"}.get(
+            config.head, "BertModel") if with_head else "BertModel"
+        prefix = "bert." if with_head else ""
+        modules = dict(model.named_modules())
+        linears = {ours.rsplit(".", 1)[0]: [prefix + hf.rsplit(".", 1)[0] for hf in theirs]
+                   for ours, theirs in hf_bert.tensor_names(config).items() if ours.endswith(".weight")
+                   and isinstance(modules.get(ours.rsplit(".", 1)[0]), (nn.Linear, lora.LoRALinear))}
+        heads = {}
+        if with_head:
+            for ours, theirs in hf_bert.head_tensor_names(config).items():
+                if ours.endswith(".weight"):
+                    hf = theirs[0].rsplit(".", 1)[0]
+                    heads[ours.rsplit(".", 1)[0]] = hf if hf.startswith(("classifier", "cls.")) else prefix + hf
+        elif config.head != "none":
+            log.warning("transformers has no %s head with %s pooling: only the encoder's adapters are written "
+                        "in peft's format (for %s)", config.head, config.pooling, cls)
+        return cls, prefix, False, linears, heads
+    raise ValueError(f"a {type(model).__name__} has no transformers twin; peft's format is written for GPT "
+                     "(GPT-2) and Bert runs; save the adapters in tformer's format instead (without --peft)")
+
+
+def write_peft(model: nn.Module, out: str | Path, *, base_model: str | None = None) -> Path:
+    """Write the LoRA adapters of `model` (and its task head, when transformers has it) in
+    peft's format at the new folder `out`."""
+    layers = lora.lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to write; train it from a recipe with model.lora")
+    cls, _, fan_in_fan_out, linears, heads = twin(model)
+    (params,) = [{k: v for k, v in e.items() if k != "kind"} for e in edits_of(model) if e["kind"] == "lora"] or [
+        {"r": next(iter(layers.values())).r, "alpha": next(iter(layers.values())).alpha, "dropout": 0.0}]
+    tensors: dict[str, Tensor] = {}
+    targets: list[str] = []
+    for name, layer in layers.items():
+        if name not in linears:
+            raise ValueError(f"the adapted layer {name} has no counterpart in transformers' {cls}; "
+                             "peft's format cannot hold it")
+        theirs = linears[name]
+        for hf, rows in zip(theirs, layer.lora_B.detach().chunk(len(theirs), dim=0)):  # (out / k, r) each
+            tensors[f"{PREFIX}{hf}.lora_A.weight"] = layer.lora_A.detach().clone()  # own storage each:
+            tensors[f"{PREFIX}{hf}.lora_B.weight"] = rows.clone()  # safetensors refuses shared memory
+            targets.append(hf)
+    state = model.state_dict()
+    for ours, hf in heads.items():
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in state:
+                tensors[f"{PREFIX}{hf}.{kind}"] = state[f"{ours}.{kind}"].clone()
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+              "auto_mapping": {"base_model_class": cls, "parent_library": "transformers"},
+              "r": params["r"], "lora_alpha": params["alpha"], "lora_dropout": params.get("dropout", 0.0),
+              "target_modules": targets, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+              "modules_to_save": sorted(set(heads.values())) or None, "inference_mode": True,
+              "init_lora_weights": True, **UNSUPPORTED, "layers_to_transform": None, "layers_pattern": None}
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} is not a new or empty folder; nothing in it was changed")
+    with atomic_directory(out) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %d LoRA adapters for transformers' %s in peft's format to %s", len(targets), cls, out)
+    return out
+
+
+def read_peft(folder: str | Path, model: nn.Module) -> nn.Module:
+    """Put the peft adapters in `folder` on `model` (a plain GPT or Bert with the base weights,
+    its head as the adapters expect), in place; returns it with the lora edit noted."""
+    folder = Path(folder).expanduser()
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{folder} holds no peft adapters ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    config = read_json(folder / CONFIG_FILE, "peft adapter config")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r}; only LORA adapters are read")
+    for key, plain in UNSUPPORTED.items():
+        if config.get(key) not in (plain, None):
+            raise ValueError(f"{folder / CONFIG_FILE}: {key}={config[key]!r} is not supported (only {plain!r})")
+    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    _, _, _, linears, heads = twin(model)
+    adapters: dict[str, tuple[Tensor, Tensor]] = {}
+    for ours, theirs in linears.items():
+        found = [(tensors.get(f"{hf}.lora_A.weight"), tensors.get(f"{hf}.lora_B.weight")) for hf in theirs]
+        if all(a is None for a, _ in found):
+            continue
+        if any(a is None or b is None for a, b in found):
+            raise ValueError(f"{folder}: {ours} is split into {theirs} in transformers, and some of them have no "
+                             "adapter; tformer's fused layer needs all or none")
+        if any(not torch.equal(a, found[0][0]) for a, _ in found):
+            raise ValueError(f"{folder}: the adapters of {', '.join(theirs)} have different A matrices; tformer's "
+                             f"fused {ours.rsplit('.', 1)[-1]} needs them shared")
+        adapters[ours] = (found[0][0], torch.cat([b for _, b in found]))
+    if not adapters:
+        raise ValueError(f"{folder} has no adapters for a {type(model).__name__}'s layers (transformers' names "
+                         f"such as {next(iter(linears.values()))[0]})")
+    r = int(config["r"])
+    alpha, dropout = config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    modules = list(adapters)
+    lora.wrap(model, modules, r, alpha, dropout)
+    layers = lora.lora_layers(model)
+    with torch.no_grad():
+        for name, (a, b) in adapters.items():
+            layers[name].lora_A.copy_(a)
+            layers[name].lora_B.copy_(b)
+        state = dict(model.named_parameters())
+        for ours, hf in heads.items():
+            for kind in ("weight", "bias"):
+                if f"{hf}.{kind}" in tensors:
+                    state[f"{ours}.{kind}"].copy_(tensors[f"{hf}.{kind}"])
+    note_edit(model, "lora", {"targets": None, "r": r, "alpha": alpha, "dropout": dropout, "modules": modules})
+    log.info("read %d LoRA adapters from %s", len(modules), folder)
+    return model
+
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_peft", "twin", "write_peft"]
