@@ -94,11 +94,13 @@ def main() -> None:
             rows[method].append(spawn(method, args, out / f"r{repeat}"))
             print(json.dumps(rows[method][-1]), file=sys.stderr, flush=True)
     print(f"load after: {os.getloadavg()}")
-    print("\n| method | accuracy (fold %d) | macro F1 | trainable params | share | step ms (median) | "
-          "train s | peak RSS MiB |" % args.fold)
+    print(f"\n| method | accuracy (fold {args.fold}) | macro F1 | trainable params | share | step ms (median) | "
+          "train s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for method, results in rows.items():
-        med = lambda key: statistics.median(r[key] for r in results)  # noqa: E731
+        def med(key: str, results: list[dict[str, Any]] = results) -> float:
+            return statistics.median(r[key] for r in results)
+
         print(f"| {RECIPES[method]} | {med('accuracy'):.4f} | {med('macro_f1'):.4f} | {results[0]['trainable']:,} | "
               f"{100 * results[0]['trainable'] / results[0]['total']:.2f}% | {med('step_ms'):.0f} | "
               f"{med('train_s'):.0f} | {med('peak_rss_mib'):.0f} |")

@@ -14,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from tformer.interop import hf_bert  # noqa: E402
-from tformer.interop.huggingface import save_gpt2  # noqa: E402
-from tformer.interop.peft import read_peft, write_peft  # noqa: E402
-from tformer.models import build_model  # noqa: E402
-from tformer.nn.lora import add_lora, lora_layers  # noqa: E402
+from tformer.interop import hf_bert
+from tformer.interop.huggingface import save_gpt2
+from tformer.interop.peft import read_peft, write_peft
+from tformer.models import build_model
+from tformer.nn.lora import add_lora, lora_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
