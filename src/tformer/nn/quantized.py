@@ -1,11 +1,177 @@
-"""PLACEHOLDER (being written): replay(model, params) restores this edit's shapes on a fresh model."""
+"""int8 linear layers for CPU inference, held as plain tensors so that they save as safetensors.
+
+`QuantizedLinear` keeps W as int8 rows with one float32 scale per output row (symmetric,
+scale = max|W_row| / 127), plus the float bias; its state dict is `qweight` (int8), `scale`,
+`bias`. Two schemes, chosen by measurement on this CPU (benchmarks/bench_quantize.py and the
+kernel table in its docstring):
+
+- "int8-dynamic": activations are quantized at run time (asymmetric uint8, one scale per call:
+  per token while decoding one row) and multiplied by the int8 weight in int32 by fbgemm
+  (`quantized::linear_dynamic`, the kernel behind `torch.ao.quantization.quantize_dynamic`),
+  with the weight packed once from the buffers (and again when they change). torchao's int8
+  dynamic path and `torch._int_mm` (oneDNN re-packs the weight every call) were 2-10x slower.
+- "int8-weight": activations stay float; a few rows (decoding) go through
+  `torch._weight_int8pack_mm` in bf16 (its float32 path is a slow reference loop), more rows
+  through a float32 matmul of the dequantized weight (weight-only int8 saves bytes, not FLOPs).
+
+A call that needs gradients (attributions, attacks) or runs off the CPU takes `F.linear` with the
+dequantized weight, so every verb keeps working. `weight` (the dequantized float weight) is there
+for code that reads a linear's dtype or device; computing it costs one dequantization.
+
+`replay(model, params)` swaps the named `nn.Linear`s of a freshly built model for empty
+`QuantizedLinear`s of the same shapes, so a quantized checkpoint's int8 weights load into them.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DYNAMIC, WEIGHT_ONLY = "int8-dynamic", "int8-weight"
+SCHEMES = (DYNAMIC, WEIGHT_ONLY)
+QMAX = 127  # symmetric int8: -127..127 (-128 unused, so that -W is representable too)
+FEW_ROWS = 16  # int8-weight: up to this many rows take _weight_int8pack_mm (decoding)
+
+
+@cache
+def _has_vnni() -> bool:
+    """Whether int8 dot products accumulate in int32 without int16 saturation (VNNI / AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").split()
+    except OSError:
+        return False
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
+def kernel_available(scheme: str) -> bool:
+    """Whether this PyTorch has the CPU kernel `scheme` runs on."""
+    if scheme == DYNAMIC:
+        engines = torch.backends.quantized.supported_engines
+        return (("fbgemm" in engines or "x86" in engines) and hasattr(torch.ops.quantized, "linear_dynamic")
+                and hasattr(torch, "_make_per_channel_quantized_tensor"))
+    if scheme == WEIGHT_ONLY:
+        return hasattr(torch, "_weight_int8pack_mm")
+    return False
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float -> int8 rows and float32 scales (out,): W ~ q * scale[:, None]."""
+    w = weight.detach().float()
+    peak = w.abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak / QMAX, torch.ones_like(peak))  # an all-zero row: any scale
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W = qweight * scale[:, None]; inference only (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed: tuple[tuple[int, ...], Any] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str) -> QuantizedLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                device=linear.weight.device)
+        with torch.no_grad():
+            qweight, scale = quantize_rows(linear.weight)
+            q.qweight.copy_(qweight)
+            q.scale.copy_(scale)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach().float())
+        return q
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (out, in), float32; a new tensor on every call."""
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}")
+
+    def __getstate__(self) -> dict[str, Any]:  # the packed weight is a cache, rebuilt on demand
+        return {**self.__dict__, "_packed": None}
+
+    def _packed_weight(self) -> Any:
+        tensors = (self.qweight, self.scale) + ((self.bias,) if self.bias is not None else ())
+        key = tuple(x for t in tensors for x in (t._version, t.data_ptr()))
+        if self._packed is None or self._packed[0] != key:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            bias = None if self.bias is None else self.bias.float()
+            with warnings.catch_warnings():  # qint8 tensors are deprecated; fbgemm's packing still takes one
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation", category=UserWarning)
+                qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zero, 0)
+                self._packed = (key, torch.ops.quantized.linear_prepack(qt, bias))
+        return self._packed[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if needs_grad or x.device.type != "cpu" or x.numel() == 0 or not kernel_available(self.scheme):
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        if self.scheme == DYNAMIC:
+            out = torch.ops.quantized.linear_dynamic(rows.float().contiguous(), self._packed_weight(),
+                                                     not _has_vnni())
+        elif rows.shape[0] <= FEW_ROWS:
+            out = torch._weight_int8pack_mm(rows.bfloat16().contiguous(), self.qweight,
+                                            self.scale.bfloat16()).float()
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = F.linear(rows.float(), self.weight, self.bias)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
+def swap_linears(model: nn.Module, names: Iterable[str], scheme: str, *, empty: bool = False) -> None:
+    """Replace the named `nn.Linear`s of `model` by `QuantizedLinear`s (quantized from their
+    weights, or `empty` ones of the same shapes for a checkpoint to fill). A name that is not a
+    Linear raises ValueError/AttributeError; nothing is swapped then."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    names = list(names)
+    linears = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"a module name must be a string, got {type(name).__name__}")
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(module).__name__}, not a Linear")
+        linears.append(module)
+    for name, linear in zip(names, linears, strict=True):
+        parent, leaf = _parent(model, name)
+        new = (QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                               device=linear.weight.device)
+               if empty else QuantizedLinear.from_linear(linear, scheme))
+        setattr(parent, leaf, new)
 
 
 def replay(model: nn.Module, params: dict[str, Any]) -> None:
-    raise NotImplementedError("quantized edits are being written")
+    """Rebuild a `quantize` edit ({"scheme": ..., "modules": [names]}) by shape on a fresh model."""
+    scheme, modules = params["scheme"], params["modules"]
+    if not isinstance(modules, list) or not modules:
+        raise TypeError(f"modules must be a non-empty list of module names, got {modules!r}")
+    swap_linears(model, modules, scheme, empty=True)
+
+
+__all__ = ["DYNAMIC", "SCHEMES", "WEIGHT_ONLY", "QuantizedLinear", "kernel_available", "quantize_rows",
+           "replay", "swap_linears"]
