@@ -71,9 +71,10 @@ class EncoderDecoderCache(KVCache):
     memory:        (B, S, d_model) encoder output until the first step has projected it, then None
     context_valid: (B, S) bool, True for real encoded tokens (None: no padding)
     cross:         one CrossKV per decoder layer, keys/values (B, H, S, head_dim)
+    n_heads:       the self-attention's key/value heads, one count or one per layer (pruned models)
     """
 
-    def __init__(self, n_layers: int, n_heads: int, head_dim: int, max_len: int, memory: Tensor,
+    def __init__(self, n_layers: int, n_heads: int | list[int], head_dim: int, max_len: int, memory: Tensor,
                  context_valid: Tensor | None, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(n_layers, memory.shape[0], n_heads, head_dim, max_len, dtype=dtype, device=device)
         self.memory: Tensor | None = memory
@@ -172,7 +173,8 @@ class EncoderDecoder(nn.Module):
                       device: torch.device | str | None = None) -> EncoderDecoderCache:
         """An empty decoder cache over the encoded inputs `memory` (one row per sequence)."""
         param, spec = next(self.decoder.parameters()), self.spec
-        return EncoderDecoderCache(len(self.decoder), spec.n_heads, spec.d_model // spec.n_heads, max_len,
+        heads = [block.attn.n_kv_heads for block in self.decoder]  # per layer: pruning changes them
+        return EncoderDecoderCache(len(self.decoder), heads, spec.d_model // spec.n_heads, max_len,
                                    memory, context_valid, dtype=dtype or param.dtype,
                                    device=torch.device(device or param.device))
 

@@ -177,8 +177,8 @@ class GPT(nn.Module):
             raise ValueError(f"a cache of {max_len} tokens exceeds the model's context length "
                              f"({self.config.context_length})")
         param = self.lm_head.weight
-        c = self.config
-        return KVCache(c.n_layers, batch, c.n_kv_heads or c.n_heads, c.head_dim, max_len,
+        heads = [block.attn.n_kv_heads for block in self.blocks]  # per layer: pruning changes them
+        return KVCache(len(self.blocks), batch, heads, self.config.head_dim, max_len,
                        dtype=dtype or param.dtype, device=device or param.device)
 
     def attention_pattern(self, device: torch.device) -> Mask:

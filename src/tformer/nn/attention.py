@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from tformer.nn.attend import ScoreBias, get_backend
@@ -13,6 +14,7 @@ from tformer.nn.kv_cache import CrossKV, LayerKV
 from tformer.nn.masks import Mask
 from tformer.nn.position import apply_rotary
 from tformer.nn.probe import QKProbe, ValueProbe
+from tformer.nn.pruning import checked_indices, keep_columns, keep_rows, spans
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +50,9 @@ class MultiHeadAttention(nn.Module):
     without qkv bias keep the output one; Llama-style models drop both). Queries and keys pass
     through `self.qk` (a `QKProbe`) just before the scores, values through `self.values`: hook
     them to read them.
+
+    `keep_heads` prunes heads physically; `head_ids` (None until then) holds the original index
+    of each remaining query head, so a per-head score bias (ALiBi) keeps each head's slope.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *,
@@ -77,6 +82,47 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.backend = backend
         self.attend = get_backend(backend)
+        self.register_buffer("head_ids", None, persistent=False)
+
+    def keep_heads(self, heads: Sequence[int]) -> None:
+        """Keep query heads `heads` (indices among the current ones) and remove the rest from the
+        weights: q rows (and k, v rows of key/value heads no kept query head reads) of the fused
+        projection, out_proj columns; head_dim and the q/k norms (shared by heads) stay.
+
+        Grouped-query attention stays consistent: a key/value head is kept when any query head of
+        its group is, and every kept group must keep the same number of query heads (whole groups,
+        or equal numbers per group). ValueError otherwise, or when no head would be left."""
+        heads = checked_indices(heads, self.n_heads, "head")
+        group = self.n_heads // self.n_kv_heads
+        kv = sorted({h // group for h in heads})
+        per_group = {sum(1 for h in heads if h // group == g) for g in kv}
+        if len(per_group) != 1:
+            raise ValueError(f"grouped-query attention ({self.n_heads} heads, {self.n_kv_heads} key/value "
+                             "heads) must keep whole groups or the same number of heads in each kept group")
+        D, q_dim, kv_dim = self.head_dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q_rows, kv_rows = spans(heads, D), spans(kv, D)
+        if self.is_cross:
+            keep_rows(self.q_proj, q_rows)
+            keep_rows(self.kv_proj, torch.cat([kv_rows, kv_dim + kv_rows]))
+        else:
+            keep_rows(self.qkv_proj, torch.cat([q_rows, q_dim + kv_rows, q_dim + kv_dim + kv_rows]))
+        keep_columns(self.out_proj, q_rows)
+        ids = self.head_ids if self.head_ids is not None else torch.arange(self.n_heads)
+        self.head_ids = ids.index_select(0, torch.tensor(heads, device=ids.device))
+        self.n_heads, self.n_kv_heads = len(heads), len(kv)
+
+    def set_head_ids(self, ids: Sequence[int]) -> None:
+        """The original index of each current query head (restored when a pruned model opens)."""
+        if len(ids) != self.n_heads or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"head_ids must be {self.n_heads} indices >= 0, got {list(ids)!r}")
+        self.head_ids = torch.tensor(list(ids), dtype=torch.long, device=self.out_proj.weight.device)
+
+    def _head_bias(self, bias: ScoreBias | None) -> ScoreBias | None:
+        """A per-head bias built for the unpruned heads, read at each remaining head's index."""
+        if bias is None or self.head_ids is None:
+            return bias
+        ids, mod = self.head_ids, bias.mod
+        return ScoreBias(lambda b, h, q, kv: mod(b, ids[h], q, kv), f"{bias.name}[heads]")
 
     def _split_heads(self, x: Tensor, heads: int) -> Tensor:
         B, T, _ = x.shape
@@ -127,6 +173,6 @@ class MultiHeadAttention(nn.Module):
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         dropout = self.dropout if self.training else 0.0
-        out = self.attend(q, k, v, inputs.mask, bias=inputs.bias, q_offset=q_offset, dropout=dropout)
+        out = self.attend(q, k, v, inputs.mask, bias=self._head_bias(inputs.bias), q_offset=q_offset, dropout=dropout)
         B, _, T, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -7,6 +7,8 @@ Attention reads the whole buffer; unwritten slots are hidden by the causal mask 
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -17,13 +19,19 @@ class KVCache:
     valid:    (B, max_len) bool: slot holds a token that is not padding
     seen:     (B,) long: real tokens per row so far (the next token's position id)
     position: 0-d long: slots written so far (the same for every row)
+
+    `n_kv_heads` is one count for every layer, or one per layer (a pruned model's layers keep
+    different numbers of heads).
     """
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.layers = [LayerKV(self, torch.zeros(shape, dtype=dtype, device=device),
-                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int | Sequence[int], head_dim: int, max_len: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        heads = [n_kv_heads] * n_layers if isinstance(n_kv_heads, int) else list(n_kv_heads)
+        if len(heads) != n_layers:
+            raise ValueError(f"give one key/value head count per layer ({n_layers}), got {len(heads)}")
+        self.layers = [LayerKV(self, torch.zeros((batch, h, max_len, head_dim), dtype=dtype, device=device),
+                               torch.zeros((batch, h, max_len, head_dim), dtype=dtype, device=device))
+                       for h in heads]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from tformer.nn.dropout import dropout as drop
 from tformer.nn.masks import Mask
 from tformer.nn.position import sinusoid_table
 from tformer.nn.probe import QKProbe, ValueProbe
+from tformer.nn.pruning import checked_indices, keep_columns, keep_entries, keep_rows, spans
 
 BACKENDS = ("sdpa", "flex", "eager", "reference")
 
@@ -134,7 +136,8 @@ class RelativeInputs:
 class RelativeMultiHeadAttention(nn.Module):
     """Multi-head self-attention over [memory; x] with relative positions (no projection biases,
     as in the paper). forward(x (B, T, d), RelativeInputs) -> (B, T, d). Queries and keys pass
-    through `self.qk` (a `QKProbe`) before the scores, values through `self.values`."""
+    through `self.qk` (a `QKProbe`) before the scores, values through `self.values`. `keep_heads`
+    prunes heads physically (`head_ids`: each remaining head's original index)."""
 
     def __init__(self, d_model: int, n_heads: int, *, dropout: float = 0.0,
                  backend: str = "sdpa") -> None:
@@ -155,6 +158,28 @@ class RelativeMultiHeadAttention(nn.Module):
         self.qk = QKProbe()
         self.values = ValueProbe()
         self.dropout, self.backend = dropout, backend
+        self.register_buffer("head_ids", None, persistent=False)
+
+    def keep_heads(self, heads: Sequence[int]) -> None:
+        """Keep heads `heads` (indices among the current ones): their rows of W_q, W_{k,E}, W_v
+        and W_{k,R}, their entries of u and v, their out_proj columns; head_dim stays."""
+        heads = checked_indices(heads, self.n_heads, "head")
+        rows, width = spans(heads, self.head_dim), self.n_heads * self.head_dim
+        keep_rows(self.q_proj, rows)
+        keep_rows(self.kv_proj, torch.cat([rows, width + rows]))
+        keep_rows(self.pos_proj, rows)
+        self.content_bias = keep_entries(self.content_bias, rows)
+        self.position_bias = keep_entries(self.position_bias, rows)
+        keep_columns(self.out_proj, rows)
+        ids = self.head_ids if self.head_ids is not None else torch.arange(self.n_heads)
+        self.head_ids = ids.index_select(0, torch.tensor(heads, device=ids.device))
+        self.n_heads = len(heads)
+
+    def set_head_ids(self, ids: Sequence[int]) -> None:
+        """The original index of each current head (restored when a pruned model opens)."""
+        if len(ids) != self.n_heads or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"head_ids must be {self.n_heads} indices >= 0, got {list(ids)!r}")
+        self.head_ids = torch.tensor(list(ids), dtype=torch.long, device=self.out_proj.weight.device)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
