@@ -16,8 +16,17 @@ from tformer.config import ConfigError
 from tformer.models.edits import replay_edits
 from tformer.models.registry import build_model
 from tformer.nn.packed import packed_linears
-from tformer.nn.quantized import (DYNAMIC, FEW_ROWS, QMAX, WEIGHT_ONLY, QuantizedLinear, _has_vnni,
-                                  kernel_available, quantize_rows, replay)
+from tformer.nn.quantized import (
+    DYNAMIC,
+    FEW_ROWS,
+    QMAX,
+    WEIGHT_ONLY,
+    QuantizedLinear,
+    _has_vnni,
+    kernel_available,
+    quantize_rows,
+    replay,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BF16_STEP = 2.0 ** -8  # bf16 keeps 8 significant bits: rounding moves a value by <= 2^-8 of it

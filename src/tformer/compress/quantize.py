@@ -27,7 +27,14 @@ from torch import nn
 
 from tformer.models.edits import EDITS_KEY, note_edit
 from tformer.models.record import CONFIG_KEY, FAMILY_KEY, record_of
-from tformer.nn.quantized import DYNAMIC, SCHEMES, WEIGHT_ONLY, QuantizedLinear, kernel_available, swap_linears
+from tformer.nn.quantized import (
+    DYNAMIC,
+    SCHEMES,
+    WEIGHT_ONLY,
+    QuantizedLinear,
+    kernel_available,
+    swap_linears,
+)
 from tformer.runs import checkpoint
 from tformer.runs.run import TOKENIZER_FILE, open_run
 from tformer.training.rundir import write_marker
