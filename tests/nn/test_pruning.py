@@ -14,8 +14,8 @@ from torch import nn
 from tformer.models.bert import Bert, BertConfig
 from tformer.models.gpt import GPT, GPTConfig
 from tformer.models.image_gen import ImageGenConfig, ImageGenerator
-from tformer.models.record import model_from_record, record_of
 from tformer.models.edits import note_edit
+from tformer.models.record import model_from_record, record_of
 from tformer.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from tformer.models.transformer_xl import TransformerXL, TransformerXLConfig
 from tformer.models.vit import ViT, ViTConfig
@@ -24,7 +24,7 @@ from tformer.nn.pruning import gates, head_modules, magnitude, masks, replay, un
 from tformer.nn.relative import RelativeMultiHeadAttention
 
 D = 32
-ids = lambda n, vocab=50, seed=0: torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+ids = lambda n, vocab=50, seed=0: torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
 
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]] = {
     "gpt": (lambda: GPT(GPTConfig(vocab_size=50, context_length=16, n_layers=2, n_heads=4, d_model=D)),
