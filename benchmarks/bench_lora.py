@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning of all-MiniLM-L6-v2 for sentiment (UCI sentences, stratified
 5-fold split, fold 0 scored), side by side in one run: the shipped recipes bert-sentiment-minilm
-(every weight but the word embeddings trains, lr 1e-4) and bert-sentiment-minilm-lora (rank-8
+(every weight but the word embeddings trains, lr 1e-4) and bert-sentiment-minilm-lora (rank-4
 adapters on every attention and MLP projection + the classifier head, lr 1e-3), the same steps,
 batches, data and seed. Each training runs in a child process of its own, so its peak resident
 memory (ru_maxrss: training and the fold's evaluation) is its own; methods alternate per repeat.

@@ -35,7 +35,7 @@ def logits(run_path: Path) -> torch.Tensor:
 def test_lora_run_trains_only_adapters_and_head(trained: dict) -> None:
     run, base = open_run(trained[RUN]), open_run(trained["bert-mlm-shakespeare"])
     (edit,) = edits_of(run.model)
-    assert edit["kind"] == "lora" and edit["r"] == 8 and edit["alpha"] == 16 and edit["targets"] is None
+    assert edit["kind"] == "lora" and edit["r"] == 4 and edit["alpha"] == 8 and edit["targets"] is None
     assert len(lora_layers(run.model)) == 4 * run.model.config.n_layers
     theirs = base.model.state_dict()
     for name, tensor in run.model.state_dict().items():
