@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from tformer.models.bert import Bert, BertConfig
+from tformer.models.edits import note_edit
 from tformer.models.gpt import GPT, GPTConfig
 from tformer.models.image_gen import ImageGenConfig, ImageGenerator
-from tformer.models.edits import note_edit
 from tformer.models.record import model_from_record, record_of
 from tformer.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from tformer.models.transformer_xl import TransformerXL, TransformerXLConfig
