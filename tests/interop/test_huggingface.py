@@ -160,6 +160,16 @@ def test_unexportable_config_is_refused(tmp_path: Path, overrides: dict) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_pruned_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    from tformer.compress.prune import prune
+
+    model = GPT(TINY)
+    prune(model, heads=0.5, importance="magnitude")
+    with pytest.raises(ConfigError, match="edited by prune") as e:
+        save_gpt2(model, tmp_path / "export")
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
 def test_failed_save_leaves_target_untouched(tmp_path: Path, monkeypatch) -> None:
     model = GPT(TINY)
     real_save_file = huggingface.save_file

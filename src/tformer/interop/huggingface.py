@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tformer.config import ConfigError
 from tformer.files import atomic_directory, atomic_path, read_json
+from tformer.models.edits import edits_of
 from tformer.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,11 @@ def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None =
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_gpt2 exports a tformer GPT, got {type(model).__name__}")
+    edits = sorted({edit["kind"] for edit in edits_of(model)})
+    if edits:  # GPT-2 has one head count and width for every layer, and float weights
+        raise ConfigError(f"cannot export a model edited by {', '.join(edits)} to HF GPT-2, which has the same "
+                          "heads and width in every layer and float weights; export the run it came from "
+                          "(a LoRA run: merge it first with `tformer adapter RUN --merge --out DIR`)")
     hf_config = gpt_config_to_hf(model.config, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     state = model.state_dict()
     hf_config["dtype"] = hf_config["torch_dtype"] = str(state["tok_emb.weight"].dtype).removeprefix("torch.")
