@@ -21,13 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GPT, BERT = "gpt-shakespeare-char", "bert-sentiment"
 # Each int8 weight is within half a step (1/254 of its row's largest) of the float one and each
 # activation within half a step of its tensor's range / 255: a layer's output moves by about 1%
-# of its scale, and the errors of a few layers add up. Stated tolerance: 5% of the logits' spread.
+# of its scale, and the errors of a few layers add up. Stated tolerance: 5% of the float logits'
+# spread over the batch (not per row: a two-label row's spread can be near 0).
 TOLERANCE = 0.05
 
 
 def within_tolerance(got: torch.Tensor, want: torch.Tensor) -> bool:
-    spread = want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)
-    return bool(((got - want).abs() <= TOLERANCE * spread).all())
+    return bool((got - want).abs().max() <= TOLERANCE * (want.max() - want.min()))
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-weight"])

@@ -2,17 +2,21 @@
 
 `QuantizedLinear` keeps W as int8 rows with one float32 scale per output row (symmetric,
 scale = max|W_row| / 127), plus the float bias; its state dict is `qweight` (int8), `scale`,
-`bias`. Two schemes, chosen by measurement on this CPU (benchmarks/bench_quantize.py and the
-kernel table in its docstring):
+`bias`. Two schemes, chosen by measuring every candidate on this CPU (1 thread, a 768 x 3072
+linear, microseconds, median: 1 row | 2048 rows): fp32 451 | 136,121; torch.ao quantize_dynamic
+242 | 57,728; fbgemm packed from our buffers 403 | 59,198; our own per-token activations with
+`torch._int_mm` 559 | 53,113 (oneDNN re-packs the weight on every call, 2-3x slower at 1 row);
+`torch._weight_int8pack_mm` in bf16 194 | 196,808 (its float32 path: 1,648 at 1 row); torchao
+int8 dynamic 1,619 | 101,467; torchao int8 weight-only 1,061 | 222,597. So:
 
 - "int8-dynamic": activations are quantized at run time (asymmetric uint8, one scale per call:
   per token while decoding one row) and multiplied by the int8 weight in int32 by fbgemm
-  (`quantized::linear_dynamic`, the kernel behind `torch.ao.quantization.quantize_dynamic`),
-  with the weight packed once from the buffers (and again when they change). torchao's int8
-  dynamic path and `torch._int_mm` (oneDNN re-packs the weight every call) were 2-10x slower.
+  (`quantized::linear_dynamic`, the kernel behind `torch.ao.quantization.quantize_dynamic`,
+  without its deprecated module swap), the weight packed once from the buffers (again when they
+  change). Without VNNI, activations use 7 bits (fbgemm's int16 pair sums would saturate).
 - "int8-weight": activations stay float; a few rows (decoding) go through
-  `torch._weight_int8pack_mm` in bf16 (its float32 path is a slow reference loop), more rows
-  through a float32 matmul of the dequantized weight (weight-only int8 saves bytes, not FLOPs).
+  `torch._weight_int8pack_mm` in bf16, more rows through a float32 matmul of the dequantized
+  weight (weight-only int8 saves bytes, not FLOPs).
 
 A call that needs gradients (attributions, attacks) or runs off the CPU takes `F.linear` with the
 dequantized weight, so every verb keeps working. `weight` (the dequantized float weight) is there
@@ -50,6 +54,7 @@ def _has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+@cache
 def kernel_available(scheme: str) -> bool:
     """Whether this PyTorch has the CPU kernel `scheme` runs on."""
     if scheme == DYNAMIC:
@@ -109,8 +114,8 @@ class QuantizedLinear(nn.Module):
         return {**self.__dict__, "_packed": None}
 
     def _packed_weight(self) -> Any:
-        tensors = (self.qweight, self.scale) + ((self.bias,) if self.bias is not None else ())
-        key = tuple(x for t in tensors for x in (t._version, t.data_ptr()))
+        tensors = (self.qweight, self.scale, self.bias)
+        key = tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors)
         if self._packed is None or self._packed[0] != key:
             zero = torch.zeros(self.out_features, dtype=torch.long)
             bias = None if self.bias is None else self.bias.float()
@@ -121,20 +126,21 @@ class QuantizedLinear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if needs_grad or x.device.type != "cpu" or x.numel() == 0 or not kernel_available(self.scheme):
+        needs_grad = x.requires_grad and torch.is_grad_enabled()
+        if needs_grad or not x.is_cpu or x.numel() == 0 or not kernel_available(self.scheme):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         rows = x.reshape(-1, x.shape[-1])  # (N, in)
         if self.scheme == DYNAMIC:
-            out = torch.ops.quantized.linear_dynamic(rows.float().contiguous(), self._packed_weight(),
-                                                     not _has_vnni())
+            rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
+            out = torch.ops.quantized.linear_dynamic(rows, self._packed_weight(), not _has_vnni())
         elif rows.shape[0] <= FEW_ROWS:
             out = torch._weight_int8pack_mm(rows.bfloat16().contiguous(), self.qweight,
                                             self.scale.bfloat16()).float()
             out = out if self.bias is None else out + self.bias
         else:
             out = F.linear(rows.float(), self.weight, self.bias)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        out = out if out.dtype == x.dtype else out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
