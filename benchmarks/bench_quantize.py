@@ -1,7 +1,8 @@
 """int8 quantization (tformer.compress.quantize) side by side in one run, on CPU:
 
   decode   GPT-2-small (random init, `gpt2-small` preset), greedy, batch 1, 16-token prompt:
-           ms/token over --new-tokens (the prefill cancels out: t(n + 1) - t(1)), for tformer fp32,
+           ms/token from the first new token to the last of --new-tokens (timed as each arrives:
+           tformer's on_token, HF's streamer; prefill and setup excluded), for tformer fp32,
            tformer int8 (dynamic; also with the LM head kept float), tformer int8-weight, and Hugging
            Face GPT2LMHeadModel fp32 holding the same weights (interop.huggingface.save_gpt2).
   quality  perplexity of /work/runs-shared/gpt-char on its held-out Shakespeare (the recipe's
@@ -54,17 +55,39 @@ def hf_twin(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     return GPT2LMHeadModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
 
 
+class TokenClock:
+    """Times when each new token arrives (tformer's on_token, a Hugging Face streamer's put)."""
+
+    def __init__(self, skip_first_put: bool) -> None:
+        self.times: list[float] = []
+        self.skip = skip_first_put  # HF's streamer gets the prompt first
+
+    def __call__(self, _tokens: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def put(self, _value: object) -> None:
+        if self.skip:
+            self.skip = False
+        else:
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def decode_timer(model: torch.nn.Module, hf: bool, prompt: torch.Tensor) -> Callable[[int], float]:
+    """n -> ms per token between the first new token and the n-th (prefill and setup excluded)."""
     def run(n: int) -> float:
-        start = time.perf_counter()
+        clock = TokenClock(skip_first_put=hf)
         with torch.inference_mode():
             if hf:
                 model.generation_config.eos_token_id = None
                 model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=clock)
             else:
-                generate(model, prompt, n)
-        return time.perf_counter() - start
+                generate(model, prompt, n, on_token=clock)
+        assert len(clock.times) == n, (len(clock.times), n)
+        return 1000 * (clock.times[-1] - clock.times[0]) / (n - 1)
 
     return run
 
@@ -89,11 +112,9 @@ def bench_decode(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     for run in timers.values():  # warm-up
         run(4)
     results: dict[str, list[float]] = {name: [] for name in timers}
-    n = args.new_tokens
     for r in range(args.rounds):
         for name, run in timers.items():
-            long, short = run(n + 1), run(1)
-            results[name].append(1000 * (long - short) / n)
+            results[name].append(run(args.new_tokens))
         print(f"  decode round {r + 1}/{args.rounds}, load {load()}", flush=True)
     return results
 
