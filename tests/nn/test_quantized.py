@@ -19,6 +19,7 @@ from tformer.nn.packed import packed_linears
 from tformer.nn.quantized import (
     DYNAMIC,
     FEW_ROWS,
+    MANY_ROWS,
     QMAX,
     WEIGHT_ONLY,
     QuantizedLinear,
@@ -51,7 +52,7 @@ def activation_range_step(x: torch.Tensor) -> float:
 
 
 @pytest.mark.skipif(not kernel_available(DYNAMIC), reason="no fbgemm here")
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, MANY_ROWS + 8])
 def test_dynamic_within_int8_steps_of_float(rows):
     linear, x = linear_and_input(rows)
     q = QuantizedLinear.from_linear(linear, DYNAMIC)
@@ -66,11 +67,12 @@ def test_dynamic_within_int8_steps_of_float(rows):
 
 
 @pytest.mark.skipif(not kernel_available(DYNAMIC), reason="no fbgemm here")
-def test_dynamic_equals_fake_quantization_and_torch_ao():
+@pytest.mark.parametrize("rows", [7, MANY_ROWS + 8])  # fbgemm, oneDNN
+def test_dynamic_equals_fake_quantization_and_torch_ao(rows):
     """Plain float math of the same quantization (asymmetric uint8 activations, the int8 weight)
     gives the same outputs; torch.ao's quantize_dynamic (its own per-channel weights) is within
     both quantizations' steps."""
-    linear, x = linear_and_input(7)
+    linear, x = linear_and_input(rows)
     q = QuantizedLinear.from_linear(linear, DYNAMIC)
     levels = 255 if _has_vnni() else 127
     lo, hi = x.min().clamp(max=0).double(), x.max().clamp(min=0).double()
