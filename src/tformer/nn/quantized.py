@@ -111,8 +111,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The dequantized weight (out, in), float32; a new tensor on every call."""
-        return self.qweight.float() * self.scale.float()[:, None]
+        """The dequantized weight (out, in) in the scales' dtype (float32, or what `.to(dtype)` made
+        them: the model's compute dtype); a new tensor on every call."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -153,7 +154,7 @@ class QuantizedLinear(nn.Module):
                                             self.scale.bfloat16()).float()
             out = out if self.bias is None else out + self.bias
         else:
-            out = F.linear(rows.float(), self.weight, self.bias)
+            out = F.linear(rows.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         out = out if out.dtype == x.dtype else out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
