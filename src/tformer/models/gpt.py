@@ -176,7 +176,7 @@ class GPT(nn.Module):
         if max_len > self.config.context_length:
             raise ValueError(f"a cache of {max_len} tokens exceeds the model's context length "
                              f"({self.config.context_length})")
-        param = self.lm_head.weight
+        param = self.tok_emb.weight  # not the head: a quantized head dequantizes on read
         heads = [block.attn.n_kv_heads for block in self.blocks]  # per layer: pruning changes them
         return KVCache(len(self.blocks), batch, heads, self.config.head_dim, max_len,
                        dtype=dtype or param.dtype, device=device or param.device)

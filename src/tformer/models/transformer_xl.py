@@ -171,7 +171,7 @@ class TransformerXL(nn.Module):
             raise ValueError(f"mem_len must be >= 0 (0 disables the recurrence), got {mem_len}")
         if batch < 1:
             raise ValueError(f"a memory needs at least one row, got batch={batch}")
-        param = self.lm_head.weight
+        param = self.tok_emb.weight  # not the head: a quantized head dequantizes on read
         empty = torch.zeros(batch, 0, self.config.d_model, dtype=dtype or param.dtype,
                             device=device or param.device)
         return Memory([empty] * self.config.n_layers, mem_len)
