@@ -44,6 +44,8 @@ DYNAMIC, WEIGHT_ONLY = "int8-dynamic", "int8-weight"
 SCHEMES = (DYNAMIC, WEIGHT_ONLY)
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, so that -W is representable too)
 FEW_ROWS = 16  # int8-weight: up to this many rows take _weight_int8pack_mm (decoding)
+PACK_WIDTH = 16  # ... and only for in_features a multiple of this: other widths read past the rows
+# (torch 2.13: garbage up to 1e30, or a segfault, e.g. 84 or 40 inputs; pruned layers have any width)
 MANY_ROWS = 32  # int8-dynamic: from this many rows on, oneDNN (AMX / VNNI) beats fbgemm
 
 
@@ -149,7 +151,7 @@ class QuantizedLinear(nn.Module):
             rows = rows if rows.dtype == torch.float32 and rows.is_contiguous() else rows.float().contiguous()
             engine = "onednn" if rows.shape[0] >= MANY_ROWS and _has_onednn() else "fbgemm"
             out = torch.ops.quantized.linear_dynamic(rows, self._packed_weight(engine), not _has_vnni())
-        elif rows.shape[0] <= FEW_ROWS:
+        elif rows.shape[0] <= FEW_ROWS and self.in_features % PACK_WIDTH == 0:
             out = torch._weight_int8pack_mm(rows.bfloat16().contiguous(), self.qweight,
                                             self.scale.bfloat16()).float()
             out = out if self.bias is None else out + self.bias
