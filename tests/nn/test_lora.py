@@ -142,6 +142,14 @@ def test_targets_matching_nothing_is_one_line(targets: list, message: str, one_l
     assert not lora_layers(model)  # nothing was changed
 
 
+def test_a_weight_tied_to_the_embeddings_is_refused(one_line_error) -> None:
+    model = build_model("gpt-nano", **TINY["gpt-nano"])  # tie_embeddings: lm_head.weight is tok_emb.weight
+    assert model.lm_head.weight is model.tok_emb.weight
+    message = one_line_error(lambda: add_lora(model, ["lm_head", "qkv_proj"]))
+    assert "lm_head" in message and "tok_emb" in message
+    assert not lora_layers(model)
+
+
 def test_bad_params_and_double_lora_are_refused(one_line_error) -> None:
     model = build_model("gpt-nano", **TINY["gpt-nano"])
     assert "positive integer" in one_line_error(lambda: add_lora(model, r=0))

@@ -147,7 +147,22 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] | None) -> list[str
             raise ValueError(f"LoRA target {pattern!r} matches no linear layer of this "
                              f"{type(model).__name__}; its linears are named {', '.join(parts)} "
                              f"(e.g. {linears[0] if linears else 'none'})")
-    return [name for name in linears if any(matches(name, p) for p in targets)]
+    chosen = [name for name in linears if any(matches(name, p) for p in targets)]
+    _check_not_shared(model, chosen)
+    return chosen
+
+
+def _check_not_shared(model: nn.Module, chosen: list[str]) -> None:
+    """A weight tied to another module (an LM head tied to the token embeddings) cannot take an
+    adapter: merging it would change the embeddings too, and a merged copy would untie them."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0])
+    for name in chosen:
+        others = [o for o in owners[id(model.get_submodule(name).weight)] if o != name]
+        if others:
+            raise ValueError(f"LoRA cannot adapt {name}: its weight is shared with {others[0]} (tied "
+                             "embeddings), so merging it would change both; leave it out of the targets")
 
 
 def check_params(r: Any, alpha: Any, dropout: Any) -> None:
