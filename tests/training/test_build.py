@@ -49,6 +49,18 @@ def test_init_from_a_gpt_run_starts_from_its_weights(tmp_path: Path) -> None:
     assert prepared.model.config.dropout == 0.1 and prepared.record["init_from"] == str(tmp_path / "source")
 
 
+def test_init_from_a_quantized_run_is_refused_naming_the_float_run(tmp_path: Path) -> None:
+    from tformer.cli import main
+
+    train_recipe(recipe_from_dict(gpt_recipe(tmp_path, "source")))
+    assert main(["quantize", str(tmp_path / "source"), "--out", str(tmp_path / "q")]) == 0
+    tuned = gpt_recipe(tmp_path, "tuned", init_from=str(tmp_path / "q"))
+    tuned["tokenizer"] = {"kind": "file", "path": str(tmp_path / "q" / "tokenizer.json")}
+    with pytest.raises(ConfigError, match="is quantized: its int8 linears cannot be trained") as e:
+        prepare(recipe_from_dict(tuned))
+    assert "source" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_init_from_with_other_labels_keeps_the_encoder_and_starts_a_fresh_head(tmp_path: Path) -> None:
     train_recipe(recipe_from_dict(vit_recipe(tmp_path, "digits")))
     rng = np.random.default_rng(0)

@@ -183,7 +183,11 @@ def check_init_tokenizer(spec: ModelSpec, tokenizer_kind: str) -> None:
 def _from_run(spec: ModelSpec, fields: dict[str, Any], tokenizer: Any) -> tuple[nn.Module, dict[str, Any]]:
     """A model whose config is the run's with the overrides and fields; matching weights copied."""
     folder = find_checkpoint(spec.init_from)  # type: ignore[arg-type]
-    source, _ = load_model(folder)
+    source, record = load_model(folder)
+    if any(edit["kind"] == "quantize" for edit in edits_of(source)):  # int8 buffers take no gradients
+        origin = record.get("compressed_from", "the float run it was quantized from")
+        raise ConfigError(f"model.init_from={spec.init_from!r} is quantized: its int8 linears cannot be "
+                          f"trained; fine-tune {origin} instead and quantize the result")
     tokenizer_path = run_dir_of(folder) / TOKENIZER_FILE
     if tokenizer is not None and tokenizer_path.is_file() and (
             load_tokenizer(tokenizer_path).fingerprint() != tokenizer.fingerprint()):
