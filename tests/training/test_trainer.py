@@ -206,6 +206,11 @@ def test_auto_precision_is_bf16_on_amx_cpus_for_models_at_least_128_wide(monkeyp
     assert autocast_dtype("auto", cpu_device, wide) == torch.bfloat16
     assert autocast_dtype("auto", cpu_device, narrow) is None
     assert autocast_dtype("fp32", cpu_device, wide) is None
+    from tformer.nn.lora import add_lora
+
+    narrow_lora = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64), torch.nn.Linear(256, 8))
+    add_lora(narrow_lora, ["0", "1"], r=2)  # LoRA layers are not nn.Linear: their widths still count
+    assert autocast_dtype("auto", cpu_device, narrow_lora) is None
     monkeypatch.setattr(cpu, "has_amx_bf16", lambda: False)
     assert autocast_dtype("auto", cpu_device, wide) is None
     assert autocast_dtype("bf16", cpu_device, narrow) == torch.bfloat16

@@ -58,7 +58,8 @@ def autocast_dtype(precision: str, device: torch.device, model: nn.Module | None
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         if device.type == "cpu" and model is not None and cpu.has_amx_bf16():
-            widths = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+            widths = [m.in_features for m in model.modules()  # nn.Linear, LoRA and int8 linears alike
+                      if isinstance(getattr(m, "in_features", None), int)]
             return torch.bfloat16 if widths and min(widths) >= AMX_MIN_WIDTH else None
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
