@@ -109,11 +109,11 @@ def build(spec: ModelSpec, fields: dict[str, Any], *, seed: int, needs: type | N
     if needs is not None and not can(model, needs):
         raise ConfigError(f"task {task} needs a model that is a {needs.__name__}; preset {spec.preset!r} "
                           f"builds a {family_of(model.config)} that can: {', '.join(capabilities(model)) or 'none'}")
-    freeze(model, spec.freeze)
     n = sum(p.numel() for p in model.parameters())
     log.info("model: %s (%s), %s parameters", spec.preset, family_of(model.config), f"{n:,}")
     if spec.lora is not None:
         apply_lora(model, spec.lora)
+    freeze(model, spec.freeze)  # after LoRA, which opens the task head: the user's freeze wins
     return model, {**record_of(model), **notes}
 
 
