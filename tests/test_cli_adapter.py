@@ -51,6 +51,7 @@ def test_merge_save_and_load(trained: dict, tmp_path: Path, capsys) -> None:
     (["{vit}", "--save", "--peft", "--out", "{new}"], "has no LoRA adapters"),
     (["{plain}", "--load", "{full}", "--out", "{new}"], "holds no peft adapters"),
     (["{missing}", "--merge", "--out", "{new}"], "does not exist"),
+    (["{plain}", "--load", "{missing}", "--out", "{new}"], "--load .*nowhere does not exist"),
 ])
 def test_bad_input_is_one_line(args: list, message: str, trained: dict, tmp_path: Path, capsys) -> None:
     (tmp_path / "full").mkdir()

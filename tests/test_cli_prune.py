@@ -54,3 +54,11 @@ def test_a_folder_with_other_files_is_refused(trained, tmp_path, capsys):
     (out / "notes.txt").write_text("keep")
     assert main(["prune", str(trained["bert-sentiment"]), "--heads", "0.5", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "notes.txt").read_text() == "keep"
+
+
+def test_a_lora_run_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(trained["bert-sentiment-minilm-lora"]), "--heads", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "LoRA adapters" in err and "--merge" in err
+    assert not out.exists()

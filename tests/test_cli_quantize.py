@@ -32,6 +32,7 @@ def test_quantize_writes_a_run_and_summary(trained, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--scheme", "int4"], "invalid choice"),
     (["--skip", "*"], "no linear layer"),
+    (["--skip", "lm_head", "nomatch"], "'nomatch' matches no linear layer"),
 ])
 def test_bad_input_is_one_line(trained, tmp_path, capsys, args, message):
     out = tmp_path / "q"
@@ -47,3 +48,11 @@ def test_non_empty_out_is_refused(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "not empty" in err and "\n" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_lora_run_is_refused(trained, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(trained["bert-sentiment-minilm-lora"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "merge the adapters first: tformer adapter RUN --merge --out DIR" in err
+    assert not out.exists()

@@ -65,7 +65,8 @@ def test_merge_gives_a_plain_run_with_the_same_logits(trained: dict, tmp_path: P
     merged = merge_lora(trained[RUN], tmp_path / "merged")
     run = open_run(merged)
     assert not lora_layers(run.model) and edits_of(run.model) == []
-    assert "lora" not in run.recipe["model"] and run.record["compressed_from"] == str(trained[RUN])
+    assert "lora" not in run.recipe["model"]
+    assert run.record["compressed_from"] == str(open_run(trained[RUN]).checkpoint.resolve())
     assert (logits(merged) - logits(trained[RUN])).abs().max() <= 1e-5
     assert run.capabilities == ["text_classifier"]
 
@@ -80,6 +81,9 @@ def test_adapters_saved_alone_rebuild_the_run_on_its_base(trained: dict, tmp_pat
     assert sum(t.numel() for t in tensors.values()) < n_model / 5
     again = attach_adapters(trained["bert-mlm-shakespeare"], folder, tmp_path / "again")
     assert torch.equal(logits(again), logits(trained[RUN]))
+    record = open_run(again).record  # the LoRA run's keys (its recipe), the base as the source
+    assert record["recipe"] == run.recipe and record["adapters_from"] == str(folder.resolve())
+    assert record["compressed_from"] == str(open_run(trained["bert-mlm-shakespeare"]).checkpoint.resolve())
     # another BERT of the same shapes, another family: refused in one line, nothing written
     with pytest.raises(ValueError, match="not the ones the adapters .* were trained on"):
         attach_adapters(trained["bert-sentiment"], folder, tmp_path / "wrong")

@@ -10,7 +10,10 @@ import json
 import pytest
 import torch
 
+from tformer.compress import prune as prune_module
+from tformer.compress.output import write_run
 from tformer.compress.prune import plan, prune, prune_run
+from tformer.compress.quantize import quantize_run
 from tformer.models.protocols import CausalLM, can
 from tformer.nn.pruning import head_modules, unit_modules
 from tformer.runs import open_run
@@ -43,6 +46,47 @@ def test_a_pruned_run_opens_with_its_shapes_and_evaluates(trained, tmp_path, rec
         return  # its evaluation judges more images than a tiny run draws (the unpruned run's fails alike)
     results = evaluate_run(out)
     assert all(torch.isfinite(torch.tensor(float(v))) for v in results.values() if isinstance(v, (int, float)))
+
+
+@pytest.mark.parametrize("recipe", ["gpt-shakespeare-char", "bert-sentiment"])
+def test_a_reopened_pruned_run_gives_the_in_memory_logits(trained, tmp_path, recipe):
+    source = open_run(trained[recipe])
+    prune(source.model, heads=0.5, neurons=0.5, importance="magnitude")
+    out = write_run(source.model, source, tmp_path / "pruned")
+    model, reopened = source.model.eval(), open_run(out).model
+    ids = torch.randint(5, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(reopened(ids), model(ids))
+    # prune_run writes the same model (magnitude importance is deterministic)
+    again, _ = prune_run(trained[recipe], tmp_path / "again", heads=0.5, neurons=0.5, importance="magnitude")
+    with torch.no_grad():
+        assert torch.equal(open_run(again).model(ids), model(ids))
+
+
+def test_pruned_run_keeps_the_source_keys_and_step(trained, tmp_path):
+    source = open_run(trained["bert-sentiment"])  # fine-tuned from the masked-LM run: it has init_from
+    out, _ = prune_run(trained["bert-sentiment"], tmp_path / "pruned", heads=0.5, importance="magnitude")
+    run = open_run(out)
+    for key in ("recipe", "training", "has_tokenizer", "data_sha256", "init_from"):
+        assert run.record.get(key) == source.record.get(key), key
+    assert "init_from" in source.record and run.record["compressed_from"] == str(source.checkpoint.resolve())
+    assert (json.loads((run.checkpoint / "progress.json").read_text())["step"]
+            == json.loads((source.checkpoint / "progress.json").read_text())["step"])
+
+
+def test_quantized_and_lora_runs_are_refused_before_any_work(trained, tmp_path, monkeypatch, one_line_error):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the check came after the work")
+
+    monkeypatch.setattr(prune_module, "task_of", no_work)
+    monkeypatch.setattr(prune_module, "gradient_importance", no_work)
+    quantize_run(trained["gpt-shakespeare-char"], tmp_path / "q", "int8")
+    assert "quantized" in one_line_error(lambda: prune_run(tmp_path / "q", tmp_path / "x", heads=0.5))
+    lora = trained["bert-sentiment-minilm-lora"]
+    assert "merge them first" in one_line_error(lambda: prune_run(lora, tmp_path / "x", heads=0.5))
+    assert "merge them first" in one_line_error(
+        lambda: prune(open_run(lora).model, heads=0.5, batches=[1], loss=lambda m, b: 0))
+    assert not (tmp_path / "x").exists()
 
 
 def test_pruning_nothing_writes_the_same_model(trained, tmp_path):

@@ -6,11 +6,12 @@ greedy, tied embeddings stay intact, the quantized run saves and opens with the 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from tformer.compress.quantize import DEFAULT_SKIP, choose_scheme, quantize, quantize_run
+from tformer.compress.quantize import choose_scheme, logits_layer, quantize, quantize_run
 from tformer.inference.generate import generate
 from tformer.inference.pipeline import pipeline
 from tformer.models.edits import edits_of
@@ -61,7 +62,7 @@ def test_bert_classifier_logits_close_to_float_and_head_kept(trained):
     with torch.no_grad():
         want = model.classify(ids, mask)
     report = quantize(model, "auto")
-    assert any(name.endswith("classifier") for name in report.skipped)
+    assert report.skipped == ["head.classifier"]  # the logits layer alone stays float
     with torch.no_grad():
         got = model.classify(ids, mask)
     assert within_tolerance(got, want)
@@ -75,7 +76,9 @@ def test_quantized_run_saves_and_opens_with_the_same_logits(trained, recipe, tmp
     report = quantize_run(trained[recipe], tmp_path / "q", "int8")
     opened = open_run(tmp_path / "q")
     assert edits_of(opened.model) == [{"kind": "quantize", "scheme": DYNAMIC, "modules": report.modules}]
-    assert opened.recipe == source.recipe
+    assert opened.recipe == source.recipe and opened.record["compressed_from"] == str(source.checkpoint.resolve())
+    assert all(opened.record.get(k) == v for k, v in source.record.items() if k in ("data_sha256", "init_from"))
+    assert json.loads((tmp_path / "q" / "summary.json").read_text())["modules"] == report.modules
     ids = torch.randint(0, opened.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(opened.model(ids), model(ids))
@@ -94,6 +97,7 @@ def test_bad_input_is_one_line(trained, tmp_path, one_line_error):
     assert "int4" in one_line_error(lambda: quantize(model, "int4"))
     assert "cpu" in one_line_error(lambda: choose_scheme("int8", torch.device("meta")))
     assert "no linear" in one_line_error(lambda: quantize(model, "int8", skip=["*"]))
+    assert "'classifier' matches no linear layer" in one_line_error(lambda: quantize(model, "int8", skip=["classifier"]))
     quantize(model, "int8")
     assert "already quantized" in one_line_error(lambda: quantize(model, "int8"))
     (tmp_path / "full").mkdir()
@@ -102,5 +106,16 @@ def test_bad_input_is_one_line(trained, tmp_path, one_line_error):
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
 
 
-def test_defaults():
-    assert set(SCHEMES) == {DYNAMIC, WEIGHT_ONLY} and "classifier" in DEFAULT_SKIP
+def test_a_lora_run_is_refused(trained, tmp_path, one_line_error):
+    lora = "bert-sentiment-minilm-lora"
+    message = one_line_error(lambda: quantize_run(trained[lora], tmp_path / "q"))
+    assert "merge the adapters first: tformer adapter RUN --merge --out DIR" in message
+    assert not (tmp_path / "q").exists()
+
+
+def test_defaults_keep_the_classifier_logits_layer_float(trained):
+    assert set(SCHEMES) == {DYNAMIC, WEIGHT_ONLY}
+    assert logits_layer(open_run(trained[GPT]).model) is None  # a language model: its head is quantized
+    assert logits_layer(open_run(trained[BERT]).model) == "head.classifier"
+    assert logits_layer(open_run(trained["vit-mnist"]).model) == "head"
+    assert logits_layer(open_run(trained["bert-mlm-shakespeare"]).model) is None

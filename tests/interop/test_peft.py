@@ -127,5 +127,33 @@ def test_no_twin_and_bad_folders_are_one_line(tmp_path: Path, one_line_error) ->
     model = lora_bert()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
-    assert "not a new or empty folder" in one_line_error(lambda: write_peft(model, tmp_path / "full"))
+    assert "new or empty folder" in one_line_error(lambda: write_peft(model, tmp_path / "full"))
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_peft(tmp_path / "nowhere", plain)
+
+
+def test_pruned_or_quantized_models_are_refused(tmp_path: Path, one_line_error) -> None:
+    from tformer.compress.prune import prune
+    from tformer.compress.quantize import quantize
+
+    pruned = build_model("bert-tiny", vocab_size=50, n_layers=2, d_model=32, n_heads=4, d_ff=48, context_length=24,
+                         head="sequence", labels=("neg", "pos"), pooling="cls")
+    prune(pruned, heads=0.5, importance="magnitude")
+    add_lora(pruned, r=2)
+    assert "edited by prune" in one_line_error(lambda: write_peft(pruned, tmp_path / "a"))
+    quantized = build_model("gpt-nano", vocab_size=40, n_layers=1, d_model=16, n_heads=2)
+    quantize(quantized, "auto")
+    quantized.lm_head = torch.nn.Linear(16, 40, bias=False)  # a LoRA layer to write: wrap a float one
+    add_lora(quantized, ["lm_head"], r=2)
+    assert "edited by quantize" in one_line_error(lambda: write_peft(quantized, tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_adapters_that_do_not_fit_the_base_are_one_line(tmp_path: Path, one_line_error) -> None:
+    write_peft(lora_bert(), tmp_path / "adapter")  # d_model 32, d_ff 48
+    wider = build_model("bert-tiny", vocab_size=50, n_layers=2, d_model=48, n_heads=4, d_ff=64, context_length=24,
+                        head="sequence", labels=("neg", "pos"), pooling="cls")
+    message = one_line_error(lambda: read_peft(tmp_path / "adapter", wider))
+    assert "needs A" in message and "give the base model the adapters were trained on" in message
+    assert not lora_layers(wider)  # nothing was wrapped

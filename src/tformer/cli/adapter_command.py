@@ -33,10 +33,14 @@ def add_adapter_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_adapter(args: argparse.Namespace) -> int:
     from tformer.compress import lora as compress_lora
+    from tformer.compress.output import check_new_folder
 
     if args.peft and not args.save:
         raise ValueError("--peft goes with --save (--load reads either format by itself)")
-    out = compress_lora.check_new_folder(args.out)
+    out = check_new_folder(args.out)
+    if args.load is not None and not Path(args.load).expanduser().exists():
+        raise FileNotFoundError(f"--load {args.load} does not exist; give a folder `tformer adapter RUN --save` "
+                                "wrote (tformer's or peft's format)")
     if args.merge:
         compress_lora.merge_lora(args.run_dir, out)
         print(f"wrote the merged plain run {out}", file=sys.stderr)
@@ -45,7 +49,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     elif args.save:
         compress_lora.save_adapters(args.run_dir, out)
         print(f"wrote the adapters of {args.run_dir} to {out}", file=sys.stderr)
-    elif (Path(args.load) / compress_lora.ADAPTER_CONFIG).is_file():
+    elif (Path(args.load).expanduser() / compress_lora.ADAPTER_CONFIG).is_file():
         compress_lora.attach_adapters(args.run_dir, args.load, out)
         print(f"wrote {args.run_dir} with the adapters of {args.load} as the LoRA run {out}", file=sys.stderr)
     else:
@@ -66,14 +70,12 @@ def _save_peft(run_dir: str, out: Path) -> None:
 
 
 def _load_peft(base_dir: str, folder: str, out: Path) -> None:
-    from tformer.compress.lora import write_run
+    from tformer.compress.lora import ADAPTERS_KEY
+    from tformer.compress.output import write_run
     from tformer.interop.peft import read_peft
     from tformer.runs import open_run
-    from tformer.runs.run import TOKENIZER_FILE
 
     base = open_run(base_dir)
     model = read_peft(folder, base.model)
-    keys = {k: v for k, v in base.record.items() if k not in ("model_family", "model_config", "model_edits")}
-    write_run(model, out, keys={**keys, "compressed_from": str(folder), "adapter_base": str(base.path)}, step=0,
-              tokenizer_from=base.path / TOKENIZER_FILE)
+    write_run(model, base, out, extra_keys={ADAPTERS_KEY: str(Path(folder).expanduser().resolve())})
     print(f"wrote {base_dir} with the peft adapters of {folder} as the LoRA run {out}", file=sys.stderr)

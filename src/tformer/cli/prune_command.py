@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tformer.cli.arguments import finite_number, whole_number
 
@@ -39,10 +38,11 @@ def table(report) -> str:  # report: a compress.prune.PruneReport
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from tformer.compress.prune import check_output, check_share, prune_run
+    from tformer.compress.output import check_new_folder
+    from tformer.compress.prune import check_options, prune_run
 
-    check_share(args.heads, "heads"), check_share(args.neurons, "neurons")
-    out = check_output(Path(args.out).expanduser())  # before the run is opened: nothing read in vain
+    check_options(args.heads, args.neurons, args.importance, args.scope)
+    out = check_new_folder(args.out)  # before the run is opened: nothing read in vain
     print(f"pruning {args.run_dir} ({args.importance} importance"
           f"{f', {args.batches} validation batches' if args.importance == 'gradient' else ''}) ...", file=sys.stderr)
     out, report = prune_run(args.run_dir, out, heads=args.heads, neurons=args.neurons, importance=args.importance,

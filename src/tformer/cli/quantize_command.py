@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 
 def add_quantize_command(sub: argparse._SubParsersAction) -> None:
@@ -20,27 +18,19 @@ def add_quantize_command(sub: argparse._SubParsersAction) -> None:
                    "int8-weight: int8 weights, float activations; auto: the fastest this machine has a kernel for")
     p.add_argument("--skip", nargs="*", default=None, metavar="PATTERN",
                    help="module names (fnmatch patterns, whole name or last part) kept in float "
-                   "(default: classifier head)")
+                   "(default: the classifier's logits layer, if the model is a classifier; --skip alone: none)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from tformer.compress.quantize import DEFAULT_SKIP, check_new_folder, quantize, write_run
-    from tformer.files import write_json_atomic
-    from tformer.runs import open_run
+    from tformer.compress.output import check_new_folder
+    from tformer.compress.quantize import quantize_run
     from tformer.runs.memory import human_bytes
 
-    out = Path(args.out).expanduser()
-    check_new_folder(out)
-    print(f"opening {args.run_dir} ...", file=sys.stderr)
-    run = open_run(args.run_dir, args.checkpoint)
-    report = quantize(run.model, args.scheme, DEFAULT_SKIP if args.skip is None else args.skip)
-    print(f"writing {out} ...", file=sys.stderr)
-    write_run(run.model, run, out, report)
-    summary = {"run": str(run.path), "out": str(out), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               **report.to_dict()}
-    write_json_atomic(out / "summary.json", summary, indent=2)
+    out = check_new_folder(args.out)  # before the run is opened
+    print(f"quantizing {args.run_dir} ...", file=sys.stderr)
+    report = quantize_run(args.run_dir, out, args.scheme, args.skip, which=args.checkpoint)
     print(f"quantized {len(report.modules)} linear layers to {report.scheme}; kept in float: "
           f"{', '.join(report.skipped) or 'none'}")
     print(f"size {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "

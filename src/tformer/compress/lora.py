@@ -6,9 +6,9 @@
                                    model record they fit)
     attach_adapters(base, folder, out)   the base run + saved adapters -> the LoRA run again
 
-Every output folder must be new or empty: nothing a user owns is overwritten. The runs written
-keep the source's recipe and run keys (so `tformer evaluate` and `model.init_from` work) plus
-"compressed_from".
+Every output folder must be new or empty: nothing a user owns is overwritten. The runs are
+written by `compress.output.write_run` (the source's run keys, so `tformer evaluate` and
+`model.init_from` work, its step, "compressed_from" = the source checkpoint).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +23,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tformer.compress.output import RECORD_KEYS, SOURCE_KEY, check_new_folder, run_keys, write_run
 from tformer.files import atomic_directory, read_json
 from tformer.models.edits import ATTRIBUTE, EDITS_KEY, edits_of, note_edit, replay_edits
-from tformer.models.record import CONFIG_KEY, FAMILY_KEY, config_from_record, record_of
+from tformer.models.record import config_from_record, record_of
 from tformer.models.registry import build_model
 from tformer.nn import lora
-from tformer.runs import checkpoint
-from tformer.runs.run import TOKENIZER_FILE, Run, open_run
-from tformer.training import rundir
+from tformer.runs.run import Run, open_run
 from tformer.training.build import HEAD_PREFIX
 
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 ADAPTER_FORMAT, ADAPTER_VERSION = "tformer-lora-adapter", 1
-RECORD_KEYS = (FAMILY_KEY, CONFIG_KEY, EDITS_KEY)
-
-
-def check_new_folder(out: str | Path, option: str = "--out") -> Path:
-    """An output folder that is new or empty; anything else is one ValueError, left untouched."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{option} {out} is a file; give a new folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{option} {out} is not empty; give a new or empty folder (nothing in it was changed)")
-    return out
+ADAPTERS_KEY = "adapters_from"  # run key of a run re-attached from saved adapters: their folder
 
 
 def lora_edit(run: Run) -> dict[str, Any]:
@@ -82,11 +70,6 @@ def base_fingerprint(state: dict[str, torch.Tensor], skip: set[str]) -> str:
     return digest.hexdigest()
 
 
-def _run_keys(run: Run) -> dict[str, Any]:
-    """The source's run keys (recipe, tokenizer flag, data notes ...) without its model record."""
-    return {k: v for k, v in run.record.items() if k not in RECORD_KEYS}
-
-
 def _without_lora(recipe: Any) -> Any:
     """A saved recipe whose model section trains no adapters (for a merged run)."""
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
@@ -94,21 +77,12 @@ def _without_lora(recipe: Any) -> Any:
     return {**recipe, "model": {k: v for k, v in recipe["model"].items() if k != "lora"}}
 
 
-def write_run(model: nn.Module, out: Path, *, keys: dict[str, Any], step: int, tokenizer_from: Path | None) -> Path:
-    """A run directory at the new or empty `out`: checkpoints/best of `model` with its record and
-    `keys`, the tokenizer copied, the run marker; all or nothing (one rename)."""
-    out = check_new_folder(out)
-    with atomic_directory(out) as staging:
-        checkpoint.save(staging / "checkpoints" / "best", model, progress={"step": step},
-                        config={**record_of(model), **keys})
-        if tokenizer_from is not None and tokenizer_from.is_file():
-            shutil.copyfile(tokenizer_from, staging / TOKENIZER_FILE)
-        rundir.write_marker(staging, finished=True)
-    return out
-
-
-def _step(run: Run) -> int:
-    return int(checkpoint.load_progress(run.checkpoint).get("step", 0))
+def adapter_keys(keys: Any) -> dict[str, Any]:
+    """The LoRA run's own run keys saved with its adapters (its recipe with model.lora, ...), for
+    the run re-attached on a base; not the keys `write_run` writes itself."""
+    if not isinstance(keys, dict):
+        return {}
+    return {k: v for k, v in keys.items() if k not in (*RECORD_KEYS, SOURCE_KEY)}
 
 
 def merge_lora(run_path: str | Path, out: str | Path) -> Path:
@@ -124,8 +98,7 @@ def merge_lora(run_path: str | Path, out: str | Path) -> Path:
                          "editing the model further")
     merged = lora.remove_lora(run.model)
     object.__setattr__(run.model, ATTRIBUTE, [e for e in edits if e["kind"] != "lora"])
-    keys = {**_run_keys(run), "recipe": _without_lora(run.record.get("recipe")), "compressed_from": str(run.path)}
-    write_run(run.model, out, keys=keys, step=_step(run), tokenizer_from=run.path / TOKENIZER_FILE)
+    write_run(run.model, run, out, extra_keys={"recipe": _without_lora(run.record.get("recipe"))})
     log.info("merged %d LoRA adapters of %s into the plain run %s", merged, run.path, out)
     return out
 
@@ -142,7 +115,7 @@ def save_adapters(run_path: str | Path, out: str | Path) -> Path:
     edits = edits_of(run.model)
     record = {**record_of(run.model), EDITS_KEY: [e for e in edits if e["kind"] != "lora"]}
     meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "lora": params, "head": heads,
-            "base_sha256": base_fingerprint(state, set(heads)), "model": record, "run": _run_keys(run), "source": str(run.path)}
+            "base_sha256": base_fingerprint(state, set(heads)), "model": record, "run": run_keys(run), "source": str(run.path)}
     with atomic_directory(out) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -155,6 +128,8 @@ def save_adapters(run_path: str | Path, out: str | Path) -> Path:
 def read_adapters(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter.json and the tensors of a folder `save_adapters` wrote; anything else is one line."""
     folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; give a folder `tformer adapter RUN --save` wrote")
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"{folder} holds no tformer adapters ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}); write them "
                          "with `tformer adapter RUN --save --out DIR`")
@@ -208,11 +183,11 @@ def attach_adapters(base_path: str | Path, adapters: str | Path, out: str | Path
     meta, tensors = read_adapters(adapters)
     base = open_run(base_path)
     model = adapted_model(base.model, meta, tensors, where=str(adapters))
-    keys = {**meta.get("run", {}), "compressed_from": str(Path(adapters)), "adapter_base": str(base.path)}
-    write_run(model, out, keys=keys, step=0, tokenizer_from=base.path / TOKENIZER_FILE)
+    keys = {**adapter_keys(meta.get("run")), ADAPTERS_KEY: str(Path(adapters).expanduser().resolve())}
+    write_run(model, base, out, extra_keys=keys)
     log.info("attached the adapters in %s to %s: %s", adapters, base.path, out)
     return out
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapted_model", "attach_adapters", "check_new_folder",
-           "head_names", "lora_edit", "merge_lora", "read_adapters", "save_adapters", "write_run"]
+__all__ = ["ADAPTERS_KEY", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapted_model", "adapter_keys", "attach_adapters",
+           "head_names", "lora_edit", "merge_lora", "read_adapters", "save_adapters"]

@@ -24,29 +24,28 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tformer.files import atomic_directory, write_json_atomic
+from tformer.compress.output import SUMMARY_FILE, check_new_folder, write_run
+from tformer.config import check_choice
 from tformer.models.edits import note_edit
-from tformer.models.record import record_of
+from tformer.nn.lora import lora_layers
 from tformer.nn.pruning import gates, head_modules, magnitude, unit_modules
-from tformer.runs import checkpoint
-from tformer.runs.run import HAS_TOKENIZER, TOKENIZER_FILE, open_run
-from tformer.training import rundir
+from tformer.nn.quantized import QuantizedLinear
+from tformer.runs.run import TOKENIZER_FILE, open_run
 from tformer.training.recipe import recipe_from_dict, saved_for_evaluation, task_module, tokenizer_maker
 
 log = logging.getLogger(__name__)
 
 IMPORTANCES = ("gradient", "magnitude")
 SCOPES = ("layer", "global")
-SUMMARY_FILE = "summary.json"
 DEFAULT_BATCHES = 8
 
 
@@ -82,10 +81,20 @@ def check_share(share: Any, what: str) -> float:
     return float(share)
 
 
-def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-    return value
+def check_prunable(model: nn.Module) -> None:
+    """Pruning slices float `nn.Linear` weights: a model with LoRA adapters or int8 layers is one
+    ValueError line, before any work."""
+    if lora_layers(model):
+        raise ValueError("this model has LoRA adapters; merge them first (tformer adapter RUN --merge --out DIR) "
+                         "and prune the merged run, or prune the base run and train the adapters on it")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("this model is quantized; prune the float run it came from, then quantize the pruned run")
+
+
+def check_options(heads: Any, neurons: Any, importance: str, scope: str) -> tuple[float, float]:
+    check_choice("importance", importance, IMPORTANCES)
+    check_choice("scope", scope, SCOPES)
+    return check_share(heads, "heads"), check_share(neurons, "neurons")
 
 
 # -- importance ------------------------------------------------------------------------------------
@@ -169,9 +178,8 @@ def prune(model: nn.Module, *, heads: float = 0.0, neurons: float = 0.0, importa
     """Remove `heads` (share) of the attention heads and `neurons` of the feed-forward units of
     `model`, in place, the least important first; record the edit; return what was kept.
     Gradient importance needs `batches` (validation batches) and `loss(model, batch)`."""
-    heads, neurons = check_share(heads, "heads"), check_share(neurons, "neurons")
-    check_choice(importance, IMPORTANCES, "importance")
-    check_choice(scope, SCOPES, "scope")
+    heads, neurons = check_options(heads, neurons, importance, scope)
+    check_prunable(model)
     attn, ffn = head_modules(model), unit_modules(model)
     if not attn and not ffn:
         raise ValueError(f"{type(model).__name__} has no attention heads or feed-forward units to prune")
@@ -222,44 +230,27 @@ def task_of(run: Any) -> Any:
     return data.make_task(run.model)
 
 
-def check_output(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a new folder for the pruned run")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; give a new or empty folder for the pruned run "
-                         "(nothing in it was changed)")
-    return out
-
-
 def prune_run(source: str | Path, out: str | Path, *, heads: float = 0.0, neurons: float = 0.0,
               importance: str = "gradient", scope: str = "layer", max_batches: int | None = DEFAULT_BATCHES,
               which: str = "best") -> tuple[Path, PruneReport]:
     """Open the run `source`, prune its model and write it as a new run directory `out`
-    (checkpoints/best, the source's tokenizer.json and recipe, summary.json)."""
-    check_share(heads, "heads"), check_share(neurons, "neurons")
-    check_choice(importance, IMPORTANCES, "importance"), check_choice(scope, SCOPES, "scope")
-    out = check_output(out)
+    (`compress.output.write_run`: the source's run keys, its step, summary.json)."""
+    check_options(heads, neurons, importance, scope)
+    out = check_new_folder(out)
     run = open_run(source, which)
+    check_prunable(run.model)  # before the task's data is prepared
     batches = loss = None
     if importance == "gradient" and (heads or neurons):
         task = task_of(run)
         batches, loss = task.eval_batches(0, 1), task.loss
     report = prune(run.model, heads=heads, neurons=neurons, importance=importance, batches=batches,
                    loss=loss, scope=scope, max_batches=max_batches)
-    record = {**record_of(run.model), "recipe": run.recipe, HAS_TOKENIZER: run.record.get(HAS_TOKENIZER, False),
-              "training": run.record.get("training"), "compressed_from": str(Path(run.checkpoint).resolve()),
-              "pruning": {k: v for k, v in report.to_dict().items() if k != "modules"}}
-    with atomic_directory(out) as tmp:
-        checkpoint.save(tmp / "checkpoints" / "best", run.model, progress={"step": 0}, config=record)
-        if (run.path / TOKENIZER_FILE).is_file():
-            shutil.copyfile(run.path / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        write_json_atomic(tmp / SUMMARY_FILE, {"source": str(run.path), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                               **report.to_dict()}, indent=2)
-        rundir.write_marker(tmp, finished=True)
+    summary = {"source": str(run.path), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **report.to_dict()}
+    write_run(run.model, run, out, summary=summary,
+              extra_keys={"pruning": {k: v for k, v in report.to_dict().items() if k != "modules"}})
     log.info("wrote the pruned run %s", out)
     return out, report
 
 
-__all__ = ["IMPORTANCES", "SCOPES", "PruneReport", "PrunedModule", "check_output", "check_share",
-           "gradient_importance", "magnitude_importance", "plan", "prune", "prune_run", "task_of"]
+__all__ = ["IMPORTANCES", "SCOPES", "SUMMARY_FILE", "PruneReport", "PrunedModule", "check_options", "check_prunable",
+           "check_share", "gradient_importance", "magnitude_importance", "plan", "prune", "prune_run", "task_of"]

@@ -3,9 +3,13 @@
 `nn.quantized`). `quantize_run` opens a run, quantizes it and writes a run that opens, classifies
 and generates (KV cache included) like any other.
 
-What is quantized by default: every `nn.Linear` but classification heads (modules named
-`classifier` or `head`: a few outputs, no time to save, and they carry the decision). Language-model
-heads are quantized: GPT-2's 50,257 x 768 head is 31% of its weights and a batch-1 decode step
+What is quantized by default (`skip=None`): every `nn.Linear` but the one that produces a
+classifier's logits. A model is a classifier by capability, not by a module name: it has the
+`models.protocols.Classifier` methods and class labels (a sequence classifier, `TextClassifier` or
+`ImageClassifier`; a token tagger's per-token label layer too), and its logits layer is the last
+`nn.Linear` with one output per label. It stays float because it has a few outputs (nothing to
+save in time or size) and it alone makes the decision: int8 rounding there moves the logits that
+are compared, with nothing after it to absorb the error. Language-model heads are quantized: GPT-2's 50,257 x 768 head is 31% of its weights and a batch-1 decode step
 reads every weight once, so int8 there is most of the gain (benchmarks/bench_quantize.py). A head
 tied to the token embedding gets its own int8 copy; the embedding stays float (a lookup reads one
 row). int4 is not offered: on this CPU `_weight_int4pack_mm_for_cpu` was no faster than the int8
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tformer.models.edits import EDITS_KEY, note_edit
-from tformer.models.record import CONFIG_KEY, FAMILY_KEY, record_of
+from tformer.compress.output import check_new_folder, write_run
+from tformer.models.edits import note_edit
+from tformer.models.protocols import Classifier
+from tformer.nn.lora import lora_layers
 from tformer.nn.quantized import (
     DYNAMIC,
     SCHEMES,
@@ -35,15 +41,12 @@ from tformer.nn.quantized import (
     kernel_available,
     swap_linears,
 )
-from tformer.runs import checkpoint
-from tformer.runs.run import TOKENIZER_FILE, open_run
-from tformer.training.rundir import write_marker
+from tformer.runs.run import open_run
 
 log = logging.getLogger(__name__)
 
 NAMES = {"int8": DYNAMIC, DYNAMIC: DYNAMIC, WEIGHT_ONLY: WEIGHT_ONLY}  # what a user may ask for
 CHOICES = ("auto", "int8", "int8-weight")
-DEFAULT_SKIP = ("classifier", "head")
 
 
 @dataclass(frozen=True)
@@ -89,16 +92,53 @@ def _skipped(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
-def quantize(model: nn.Module, scheme: str = "auto", skip: Sequence[str] = DEFAULT_SKIP) -> QuantizeReport:
-    """Quantize the model's `nn.Linear` layers in place (all but those whose name or last name part
-    matches a `skip` pattern, fnmatch style) and record the edit; returns what was done."""
+def logits_layer(model: nn.Module) -> str | None:
+    """The name of the `nn.Linear` that produces a classifier's logits (see the module docstring),
+    None for a model without class labels. By capability: the `Classifier` protocol's methods and
+    `labels`, not `can(model, Classifier)`, so that a token tagger (which disowns sentence
+    classification) keeps its per-token label layer float as well."""
+    if not isinstance(model, Classifier):
+        return None
+    try:
+        n = len(model.labels)
+    except (AttributeError, TypeError):  # a head without labels (masked LM, none)
+        return None
+    found = [name for name, m in model.named_modules() if type(m) is nn.Linear and m.out_features == n]
+    return found[-1] if n and found else None
+
+
+def default_skip(model: nn.Module) -> tuple[str, ...]:
+    """What `quantize` keeps float when told nothing: the classifier's logits layer, if any."""
+    name = logits_layer(model)
+    return () if name is None else (name,)
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """A model quantize can take as it is; else one ValueError line (nothing changed)."""
+    if lora_layers(model):  # its adapted layers are LoRALinear, not nn.Linear: they would stay float
+        raise ValueError("this model has LoRA adapters, which quantize cannot hold; merge the adapters first: "
+                         "tformer adapter RUN --merge --out DIR")
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError("this model is already quantized; quantize the float run it came from")
+
+
+def quantize(model: nn.Module, scheme: str = "auto", skip: Sequence[str] | None = None) -> QuantizeReport:
+    """Quantize the model's `nn.Linear` layers in place and record the edit; returns what was done.
+    `skip`: fnmatch patterns (whole name or its last part) of layers kept float, each of which must
+    match a linear layer; None keeps the classifier's logits layer float (`default_skip`), ()
+    quantizes every linear layer."""
     if isinstance(skip, str):
         skip = (skip,)
     params = next(iter(model.parameters()), None)
     chosen = choose_scheme(scheme, params.device if params is not None else torch.device("cpu"))
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        raise ValueError("this model is already quantized; quantize the float run it came from")
+    check_quantizable(model)
     linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    skip = default_skip(model) if skip is None else tuple(skip)
+    for pattern in skip:
+        if not any(_skipped(n, (pattern,)) for n in linears):
+            example = linears[0] if linears else "none"
+            raise ValueError(f"skip pattern {pattern!r} matches no linear layer (whole name or last part, "
+                             f"e.g. {example!r} or {example.rpartition('.')[2]!r})")
     names = [n for n in linears if not _skipped(n, skip)]
     if not names:
         raise ValueError(f"no linear layer is left to quantize (skip={list(skip)} matches all {len(linears)})")
@@ -111,42 +151,20 @@ def quantize(model: nn.Module, scheme: str = "auto", skip: Sequence[str] = DEFAU
     return report
 
 
-def check_new_folder(out: Path) -> None:
-    """A quantized run goes to a new or empty folder; anything else is refused, untouched."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty; give a new or empty folder (nothing in it was changed)")
-
-
-def write_run(model: nn.Module, source: Any, out: str | Path, report: QuantizeReport) -> Path:
-    """Write `model` (quantized from the opened run `source`) as a run directory at `out` (new or
-    empty): checkpoints/best with the source's run keys (recipe, ...) and the model's record,
-    the tokenizer copied, and the run marker."""
-    out = Path(out)
-    check_new_folder(out)
-    keys = {k: v for k, v in source.record.items() if k not in (FAMILY_KEY, CONFIG_KEY, EDITS_KEY)}
-    config = {**keys, **record_of(model), "compressed_from": str(Path(source.path).resolve()),
-              "quantized": {"scheme": report.scheme, "modules": len(report.modules), "skipped": report.skipped}}
-    progress = {"step": checkpoint.load_progress(source.checkpoint).get("step", 0)}
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(out / "checkpoints" / "best", model, progress=progress, config=config)
-    if (Path(source.path) / TOKENIZER_FILE).is_file():
-        shutil.copyfile(Path(source.path) / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    write_marker(out, finished=True)
-    log.info("wrote the quantized run %s", out)
-    return out
-
-
-def quantize_run(run_dir: str | Path, out: str | Path, scheme: str = "auto", skip: Sequence[str] = DEFAULT_SKIP,
+def quantize_run(run_dir: str | Path, out: str | Path, scheme: str = "auto", skip: Sequence[str] | None = None,
                  which: str = "best") -> QuantizeReport:
-    """Open `run_dir`, quantize its model and write the quantized run to `out` (new or empty)."""
-    check_new_folder(Path(out))  # before the slow part
+    """Open `run_dir`, quantize its model and write the quantized run to `out` (new or empty;
+    `compress.output.write_run`: the source's run keys and step, summary.json)."""
+    out = check_new_folder(out)  # before the slow part
     source = open_run(run_dir, which)
     report = quantize(source.model, scheme, skip)
-    write_run(source.model, source, out, report)
+    summary = {"source": str(source.path), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **report.to_dict()}
+    write_run(source.model, source, out, summary=summary,
+              extra_keys={"quantized": {"scheme": report.scheme, "modules": len(report.modules),
+                                        "skipped": report.skipped}})
+    log.info("wrote the quantized run %s", out)
     return report
 
 
-__all__ = ["CHOICES", "DEFAULT_SKIP", "SCHEMES", "QuantizeReport", "choose_scheme", "model_bytes", "quantize",
-           "quantize_run", "write_run"]
+__all__ = ["CHOICES", "SCHEMES", "QuantizeReport", "check_quantizable", "choose_scheme", "default_skip",
+           "logits_layer", "model_bytes", "quantize", "quantize_run"]

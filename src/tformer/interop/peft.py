@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tformer.files import atomic_directory, read_json
+from tformer.files import atomic_directory, check_output_folder, read_json
 from tformer.interop import hf_bert, huggingface
 from tformer.models.bert import Bert
 from tformer.models.edits import edits_of, note_edit
 from tformer.models.gpt import GPT
 from tformer.nn import lora
+from tformer.nn.quantized import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,37 @@ def twin(model: nn.Module) -> tuple[str, str, bool, dict[str, list[str]], dict[s
                      "(GPT-2) and Bert runs; save the adapters in tformer's format instead (without --peft)")
 
 
+def check_plain_base(model: nn.Module, doing: str) -> None:
+    """peft's adapters sit on transformers' model, which has one head count and width for every
+    layer and float weights: a pruned or quantized base is one ValueError line."""
+    edits = sorted({e["kind"] for e in edits_of(model)} - {"lora"})
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()) and "quantize" not in edits:
+        edits.append("quantize")
+    if edits:
+        raise ValueError(f"cannot {doing} peft's format for a model edited by {', '.join(edits)}: transformers' "
+                         "twin has the same heads and width in every layer and float weights; use tformer's "
+                         "adapter format instead (without --peft)")
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """`out` when it is a new or empty folder; else one ValueError line, nothing in it touched
+    (files.check_output_folder would accept a folder holding an earlier adapter_config.json, and
+    atomic_directory would then replace everything else in it)."""
+    out = Path(out).expanduser()
+    check_output_folder(out, CONFIG_FILE, "tformer's peft writer")  # a file: one line
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; give a new or empty folder (nothing in it was changed)")
+    return out
+
+
 def write_peft(model: nn.Module, out: str | Path, *, base_model: str | None = None) -> Path:
     """Write the LoRA adapters of `model` (and its task head, when transformers has it) in
-    peft's format at the new folder `out`."""
+    peft's format at the new or empty folder `out`."""
     layers = lora.lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to write; train it from a recipe with model.lora")
+    check_plain_base(model, "write")
+    out = check_new_folder(out)
     cls, _, fan_in_fan_out, linears, heads = twin(model)
     (params,) = [{k: v for k, v in e.items() if k != "kind"} for e in edits_of(model) if e["kind"] == "lora"] or [
         {"r": next(iter(layers.values())).r, "alpha": next(iter(layers.values())).alpha, "dropout": 0.0}]
@@ -101,9 +127,6 @@ def write_peft(model: nn.Module, out: str | Path, *, base_model: str | None = No
               "target_modules": targets, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
               "modules_to_save": sorted(set(heads.values())) or None, "inference_mode": True,
               "init_lora_weights": True, **UNSUPPORTED, "layers_to_transform": None, "layers_pattern": None}
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} is not a new or empty folder; nothing in it was changed")
     with atomic_directory(out) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -111,12 +134,34 @@ def write_peft(model: nn.Module, out: str | Path, *, base_model: str | None = No
     return out
 
 
+def check_shapes(model: nn.Module, adapters: dict[str, tuple[Tensor, Tensor]], r: int, folder: Path) -> None:
+    """Every adapter fits its layer: A (r, in), B (out, r); else one ValueError line naming the first
+    that does not (adapters for another size of the model, or a base pruned since)."""
+    modules = dict(model.named_modules())
+    for name, (a, b) in adapters.items():
+        layer = modules.get(name)
+        if type(layer) is not nn.Linear:
+            raise ValueError(f"{folder}: the adapters are for {name}, which is not a plain linear layer of this "
+                             f"{type(model).__name__}")
+        want_a, want_b = (r, layer.in_features), (layer.out_features, r)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(f"{folder}: the adapter of {name} is A {tuple(a.shape)}, B {tuple(b.shape)}; this "
+                             f"{type(model).__name__}'s layer needs A {want_a}, B {want_b} (r={r}); give the base "
+                             "model the adapters were trained on")
+
+
 def read_peft(folder: str | Path, model: nn.Module) -> nn.Module:
     """Put the peft adapters in `folder` on `model` (a plain GPT or Bert with the base weights,
     its head as the adapters expect), in place; returns it with the lora edit noted."""
     folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; give a folder with peft adapters ({CONFIG_FILE} + "
+                                f"{WEIGHTS_FILE})")
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise ValueError(f"{folder} holds no peft adapters ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    check_plain_base(model, "read")
+    if lora.lora_layers(model):
+        raise ValueError(f"the model already has LoRA adapters; read the adapters in {folder} onto its base run")
     config = read_json(folder / CONFIG_FILE, "peft adapter config")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{folder / CONFIG_FILE}: peft_type {config.get('peft_type')!r}; only LORA adapters are read")
@@ -142,6 +187,7 @@ def read_peft(folder: str | Path, model: nn.Module) -> nn.Module:
                          f"such as {next(iter(linears.values()))[0]})")
     r = int(config["r"])
     alpha, dropout = config.get("lora_alpha", 8), config.get("lora_dropout", 0.0)
+    check_shapes(model, adapters, r, folder)
     modules = list(adapters)
     lora.wrap(model, modules, r, alpha, dropout)
     layers = lora.lora_layers(model)
