@@ -35,22 +35,37 @@ KINDS = ("self", "encoder", "decoder", "cross")
 
 
 class AttentionMaps(Mapping[Key, Tensor]):
-    """(kind, layer) -> probabilities (B, len(heads), T, S), float32, rows sum to 1 over visible
-    keys (a query that sees no key, e.g. padding under padding, is a row of zeros).
+    """(kind, layer) -> probabilities (B, len(head_ids[kind, layer]), T, S), float32, rows sum to
+    1 over visible keys (a query that sees no key, e.g. padding under padding, is a row of zeros).
 
-    heads:           the query heads of dim 1, in that order (model head indices)
+    head_ids:        (kind, layer) -> the query heads of dim 1, in that order (the layer's head
+                     indices: after pruning, positions among the heads it kept); layers of a
+                     pruned model may have different numbers of heads
+    heads:           those heads when every captured layer has the same ones (ValueError else)
     query_positions: (kind, layer) -> (T,) absolute position of each query row as the mask sees
                      it (a KV cache's offset, Transformer-XL's memory length added)
     key_positions:   (kind, layer) -> (S,) position of each key column (cache slots, memory first)
     output:          what the model's forward returned (None inside `capture_attention`)
     """
 
-    def __init__(self, heads: Sequence[int]) -> None:
-        self.heads = tuple(heads)
+    def __init__(self, head_ids: Mapping[Key, Sequence[int]]) -> None:
+        self.head_ids: dict[Key, tuple[int, ...]] = {key: tuple(h) for key, h in head_ids.items()}
         self.maps: dict[Key, Tensor] = {}
         self.query_positions: dict[Key, Tensor] = {}
         self.key_positions: dict[Key, Tensor] = {}
         self.output: Any = None
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        different = set(self.head_ids.values())
+        if len(different) > 1:
+            raise ValueError("the layers have different heads (a pruned model): read head_ids[kind, layer] "
+                             f"per layer; heads per layer: {self._counts()}")
+        return next(iter(different), ())
+
+    def _counts(self, kind: str | None = None) -> str:
+        return ", ".join(f"{k} {layer}: {len(h)}" for (k, layer), h in sorted(self.head_ids.items())
+                         if kind is None or k == kind)
 
     def __getitem__(self, key: Key) -> Tensor:
         if key not in self.maps:
@@ -67,16 +82,27 @@ class AttentionMaps(Mapping[Key, Tensor]):
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k in KINDS if any(kind == k for kind, _ in self.maps))
 
-    def stack(self, kind: str) -> Tensor:
-        """Every captured layer of one kind, in layer order: (L, B, H, T, S)."""
+    def layers(self, kind: str) -> list[Tensor]:
+        """Every captured layer of one kind, in layer order: [(B, H_l, T, S), ...], each layer
+        with its own number of heads H_l."""
         layers = sorted(layer for k, layer in self.maps if k == kind)
         if not layers:
             raise ValueError(f"no {kind!r} attention was captured; kinds: {self.kinds}")
-        return torch.stack([self.maps[kind, layer] for layer in layers])
+        return [self.maps[kind, layer] for layer in layers]
+
+    def stack(self, kind: str) -> Tensor:
+        """Every captured layer of one kind, in layer order: (L, B, H, T, S). ValueError when the
+        layers have different numbers of heads (pruned): use `layers(kind)` then."""
+        maps = self.layers(kind)
+        if len({m.shape[1] for m in maps}) > 1:
+            raise ValueError(f"{kind} attention layers have different numbers of heads (pruned: "
+                             f"{self._counts(kind)}), so they do not stack; read them with layers({kind!r}) "
+                             "or capture heads every layer has")
+        return torch.stack(maps)
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.maps.items())
-        return f"AttentionMaps(heads={self.heads}, {{{shapes}}})"
+        return f"AttentionMaps({{{shapes}}})"
 
 
 def module_of(model: Any) -> nn.Module:
@@ -134,14 +160,26 @@ def _check_layers(sites: dict[str, list[nn.Module]], kinds: Sequence[str] | None
 
 
 def _check_heads(sites: dict[str, list[nn.Module]], chosen: dict[str, list[int]],
-                 heads: Sequence[int] | None) -> tuple[int, ...]:
-    n_heads = {sites[kind][layer].n_heads for kind, layers in chosen.items() for layer in layers}
-    n = min(n_heads) if n_heads else 0
-    picked = tuple(range(n)) if heads is None else tuple(int(h) for h in heads)
-    bad = [h for h in picked if not 0 <= h < n]
-    if bad or not picked:
-        raise ValueError(f"head {bad[0] if bad else picked} is out of range: the attention has heads 0..{n - 1}")
-    return picked
+                 heads: Sequence[int] | None) -> dict[Key, tuple[int, ...]]:
+    """(kind, layer) -> the heads to capture: all of the layer's own (None), else `heads`, which
+    every chosen layer must have (pruned layers may have fewer); one-line ValueErrors."""
+    picked = None if heads is None else tuple(int(h) for h in heads)
+    if picked is not None and not picked:
+        raise ValueError("no heads asked for: give at least one head index (or none at all for every head)")
+    counts = sorted({sites[kind][layer].n_heads for kind, layers in chosen.items() for layer in layers})
+    head_ids = {}
+    for kind, layers in chosen.items():
+        for layer in layers:
+            n = sites[kind][layer].n_heads
+            bad = [] if picked is None else [h for h in picked if not 0 <= h < n]
+            if bad and len(counts) == 1:
+                raise ValueError(f"head {bad[0]} is out of range: the attention has heads 0..{n - 1}")
+            if bad:
+                raise ValueError(f"head {bad[0]} is out of range: {kind} attention layer {layer} has heads 0..{n - 1} "
+                                 f"(pruned: the chosen layers have {counts[0]} to {counts[-1]} heads; ask for "
+                                 "heads every chosen layer has)")
+            head_ids[kind, layer] = tuple(range(n)) if picked is None else picked
+    return head_ids
 
 
 def masked_softmax(scores: Tensor, mask: Any, bias: Any, q_offset: int | Tensor, heads: Tensor) -> Tensor:
@@ -165,6 +203,13 @@ def masked_softmax(scores: Tensor, mask: Any, bias: Any, q_offset: int | Tensor,
     return weights
 
 
+def head_bias(attn: nn.Module, bias: Any) -> Any:
+    """The score bias as `attn` applies it: its own mapping (`_head_bias`: a pruned layer reads a
+    per-head bias such as ALiBi's slopes at each kept head's original index), else unchanged."""
+    mapping = getattr(attn, "_head_bias", None)
+    return bias if bias is None or mapping is None else mapping(bias)
+
+
 def _multi_head_probabilities(attn: nn.Module, q: Tensor, k: Tensor, inputs: AttentionInputs,
                               heads: Tensor) -> tuple[Tensor, int]:
     """`MultiHeadAttention`: q (B, H, T, D), k (B, Hkv, S, D) as the probe saw them (RoPE and
@@ -175,7 +220,8 @@ def _multi_head_probabilities(attn: nn.Module, q: Tensor, k: Tensor, inputs: Att
         k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
     q, k = q[:, heads], k[:, heads]
     scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, h, T, S), fp32 as eager
-    return masked_softmax(scores, inputs.mask, inputs.bias, offset, heads), offset
+    bias = head_bias(attn, inputs.bias)  # a pruned layer reads ALiBi at its heads' original indices
+    return masked_softmax(scores, inputs.mask, bias, offset, heads), offset
 
 
 def _relative_probabilities(attn: nn.Module, q: Tensor, k: Tensor, inputs: RelativeInputs,
@@ -206,11 +252,10 @@ def capture_attention(model: Any, *, layers: Sequence[int] | None = None,
     sites = attention_sites(model)
     chosen = _check_layers(sites, kinds, layers)
     maps = AttentionMaps(_check_heads(sites, chosen, heads))
-    head_ids = torch.tensor(maps.heads)
     handles = []
     for kind, layer_ids in chosen.items():
         for layer in layer_ids:
-            handles += _hook(sites[kind][layer], (kind, layer), maps, head_ids)
+            handles += _hook(sites[kind][layer], (kind, layer), maps, torch.tensor(maps.head_ids[kind, layer]))
     try:
         yield maps
     finally:
@@ -251,7 +296,8 @@ def attention_maps(model: Callable[..., Any], *inputs: Any, layers: Sequence[int
                    **forward_kwargs: Any) -> AttentionMaps:
     """Run `model(*inputs, **forward_kwargs)` once without gradients (any backend, any mode of
     the model: it is not switched) and return the attention probabilities of the chosen kinds,
-    layers (None: all) and query heads (None: all) as the eager backend would compute them.
+    layers (None: all) and query heads (None: each layer's own, all of them; a pruned model's
+    layers may differ) as the eager backend would compute them.
 
     `model` is a model (e.g. `open_run(path).model`), one of its methods (`model.classify`,
     `model.encode`) or a bound decoder (`model.bind(src)`). Layers count from 0 within a kind.
@@ -267,6 +313,7 @@ __all__ = [
     "attention_maps",
     "attention_sites",
     "capture_attention",
+    "head_bias",
     "masked_softmax",
     "module_of",
 ]

@@ -68,6 +68,7 @@ class AttentionView:
     queries: list[str]
     keys: list[str]
     key_grid: tuple[int, int] | None = None  # keys are an image's pixels / patches, row-major
+    note: str | None = None  # how the maps were reduced to be shown (a pruned model's uneven layers)
 
 
 @dataclass
@@ -110,7 +111,9 @@ def explain(run: Run, item: Any, options: Options = Options()) -> Explanation:
                                 (ImageSampler, _image_sampler), (ConditionalDecoder, _translator),
                                 (CausalLM, _language_model), (MemoryLM, _language_model)):
         if run.can(protocol):
-            return explainer(run, item, options)
+            explanation = explainer(run, item, options)
+            explanation.notes += [view.note for view in explanation.attention if view.note]
+            return explanation
     raise ValueError(f"{run.path} holds a model with nothing to explain (it cannot classify, generate, "
                      "translate or draw); explain a run fine-tuned from it")
 
@@ -146,15 +149,22 @@ def _views(fn: Any, args: tuple, kwargs: dict, options: Options, labels: dict[st
     views = []
     for kind in maps.kinds:
         layers = sorted(layer for k, layer in maps if k == kind)
-        stacked = maps.stack(kind)[:, 0]  # (L, H, T, S) of the one example
+        heads, note = list(maps.head_ids[kind, layers[0]]), None
+        if len({maps.head_ids[kind, layer] for layer in layers}) == 1:
+            stacked = maps.stack(kind)[:, 0]  # (L, H, T, S) of the one example
+        else:  # pruned unevenly: one panel per layer, its heads averaged
+            stacked = torch.stack([m[0].mean(0, keepdim=True) for m in maps.layers(kind)])  # (L, 1, T, S)
+            heads, note = ["mean"], (f"{kind} attention: the layers have different numbers of heads (pruned), "
+                                     "so each layer shows the mean of its heads; --heads picks heads every "
+                                     "layer has")
         queries, keys = labels.get(kind, labels.get("*", ([], [])))
         row = (query_row or {}).get(kind)
         if row is not None:
             stacked, queries = stacked[:, :, row:row + 1], [queries[row]]
         keys = keys if len(keys) == stacked.shape[-1] else [f"memory {i}" for i in range(
             stacked.shape[-1] - len(keys))] + list(keys)  # Transformer-XL: memory slots first
-        views.append(AttentionView(kind, stacked.numpy(), layers, list(maps.heads), list(queries), keys,
-                                   (key_grid or {}).get(kind)))
+        views.append(AttentionView(kind, stacked.numpy(), layers, heads, list(queries), keys,
+                                   (key_grid or {}).get(kind), note))
     return views
 
 

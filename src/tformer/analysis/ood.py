@@ -15,7 +15,9 @@ Scorers:
                  (Sun et al. 2022)
 
 Penultimate features are the input of the module that maps them to the logits, found by what it
-does: the `nn.Linear` with one output per class whose output *is* the logits on a probe batch.
+does, not by its class: the linear map (a module with `in_features` and one output per class:
+`nn.Linear`, an int8 `QuantizedLinear`, a `LoRALinear`, ...) whose output *is* the logits on a
+probe batch.
 """
 
 from __future__ import annotations
@@ -109,12 +111,19 @@ def batches(model: nn.Module, tokenizer: Any, inputs: Inputs, what: str, batch_s
 
 
 # -- the forward pass ----------------------------------------------------------------------------
+def _maps_features(module: nn.Module, n_classes: int) -> bool:
+    """A linear map to one score per class, by its interface: in_features -> out_features."""
+    ins, outs = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return isinstance(ins, int) and isinstance(outs, int) and outs == n_classes
+
+
 def find_feature_layer(model: nn.Module, probe: Batch) -> str:
-    """The name of the `nn.Linear` whose output equals the logits of `probe`: the layer that maps
-    penultimate features to class scores, whatever the family calls it."""
+    """The name of the linear map whose output equals the logits of `probe`: the layer that maps
+    penultimate features to class scores, whatever the family calls it and whatever the layer's
+    class (plain, quantized or LoRA-adapted: any module with `in_features` and `out_features`)."""
     n_classes = len(model.labels)  # type: ignore[attr-defined]
     outputs: dict[str, Tensor] = {}
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_classes}
+    candidates = {name: m for name, m in model.named_modules() if _maps_features(m, n_classes)}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
              for name, m in candidates.items()]
     try:
@@ -123,10 +132,11 @@ def find_feature_layer(model: nn.Module, probe: Batch) -> str:
     finally:
         for hook in hooks:
             hook.remove()
-    found = [name for name, out in outputs.items() if out.shape == logits.shape and torch.equal(out, logits)]
+    found = [name for name, out in outputs.items()
+             if isinstance(out, Tensor) and out.shape == logits.shape and torch.equal(out, logits)]
     if not found:
         raise ValueError(f"cannot find the layer that maps features to logits in this {type(model).__name__} "
-                         f"(no nn.Linear with {n_classes} outputs gives the logits); use the msp and energy "
+                         f"(no linear layer with {n_classes} outputs gives the logits); use the msp and energy "
                          "scorers, which need logits only")
     return found[-1]
 

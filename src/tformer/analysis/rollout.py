@@ -28,28 +28,41 @@ METHODS = ("gradient", "rollout")
 Pick = Callable[[Any], tuple[Tensor, Tensor]]  # model output -> (target (B,), score (B,))
 
 
-def rollout(attention: Tensor) -> Tensor:
-    """Abnar & Zuidema's rollout. attention: (L, B, H, T, T) probabilities of layers 1..L ->
-    (B, T, T) = Â_L ··· Â_1 with Â = rows renormalised(mean over heads of A + I): the identity
-    stands for the residual connection. Rows sum to 1."""
-    _, B, _, T, S = attention.shape
+def _square(attention: Tensor | Sequence[Tensor]) -> tuple[int, int]:
+    """(B, T) of per-layer maps (B, H_l, T, T); a pruned model's layers may differ in H_l."""
+    if len(attention) == 0:
+        raise ValueError("rollout needs at least one layer of attention")
+    B, T, S = attention[0].shape[0], *attention[0].shape[-2:]
+    if any(layer.shape[0] != B or layer.shape[-2:] != (T, S) for layer in attention):
+        raise ValueError("rollout needs every layer's maps over the same batch, queries and keys")
     if T != S:
         raise ValueError(f"rollout needs square self-attention maps, got {T} queries x {S} keys")
-    eye = torch.eye(T, dtype=attention.dtype, device=attention.device)
+    return B, T
+
+
+def rollout(attention: Tensor | Sequence[Tensor]) -> Tensor:
+    """Abnar & Zuidema's rollout. attention: (L, B, H, T, T) probabilities of layers 1..L, or a
+    list of L (B, H_l, T, T) when the layers have different numbers of heads (pruned) -> (B, T, T)
+    = Â_L ··· Â_1 with Â = rows renormalised(mean over the layer's heads of A + I): the identity
+    stands for the residual connection. Rows sum to 1."""
+    B, T = _square(attention)
+    eye = torch.eye(T, dtype=attention[0].dtype, device=attention[0].device)
     relevance = eye.expand(B, T, T)
-    for layer in attention:  # (B, H, T, T), first layer first
+    for layer in attention:  # (B, H_l, T, T), first layer first
         mixed = layer.mean(dim=1) + eye  # (B, T, T)
         relevance = (mixed / mixed.sum(dim=-1, keepdim=True)) @ relevance
     return relevance
 
 
-def gradient_rollout(attention: Tensor, gradients: Tensor) -> Tensor:
+def gradient_rollout(attention: Tensor | Sequence[Tensor], gradients: Tensor | Sequence[Tensor]) -> Tensor:
     """Chefer et al.'s self-attention rule. attention, gradients: (L, B, H, T, T), A and dScore/dA
-    of layers 1..L -> (B, T, T): R = I; per layer R += mean_h(relu(dA ⊙ A)) @ R."""
-    _, B, _, T, S = attention.shape
-    if T != S:
-        raise ValueError(f"rollout needs square self-attention maps, got {T} queries x {S} keys")
-    relevance = torch.eye(T, dtype=attention.dtype, device=attention.device).expand(B, T, T)
+    of layers 1..L (or lists of L (B, H_l, T, T): pruned layers) -> (B, T, T): R = I; per layer
+    R += mean_h(relu(dA ⊙ A)) @ R, the mean over that layer's own heads."""
+    B, T = _square(attention)
+    if len(gradients) != len(attention):
+        raise ValueError(f"gradient rollout needs one gradient per layer: {len(attention)} layers of "
+                         f"attention, {len(gradients)} of gradients")
+    relevance = torch.eye(T, dtype=attention[0].dtype, device=attention[0].device).expand(B, T, T)
     for a, grad in zip(attention, gradients):
         weighted = (grad * a).clamp(min=0).mean(dim=1)  # (B, T, T): positive contributions only
         relevance = relevance + weighted @ relevance
@@ -95,9 +108,9 @@ def _gradient_hooks(sites: Sequence[nn.Module], zeros: list[Tensor], values: lis
 
 
 def _attention_gradients(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
-                         pick: Pick) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs fn once with gradients: (L, B, H, T, T) probabilities, their gradients of the picked
-    score, and the target (B,)."""
+                         pick: Pick) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Runs fn once with gradients: per layer (B, H_l, T, T) probabilities, their gradients of the
+    picked score, and the target (B,)."""
     sites = _self_attention_sites(fn)
     zeros: list[Tensor] = []
     values: list[Tensor] = []
@@ -115,7 +128,7 @@ def _attention_gradients(fn: Callable[..., Any], args: Sequence[Any], kwargs: di
         grad_o = grad_o.view(B, T, attn.n_heads, -1).transpose(1, 2)  # (B, H, T, D)
         v = v.repeat_interleave(attn.n_heads // v.shape[1], dim=1)  # grouped-query: (B, H, S, D)
         gradients.append((grad_o @ v.transpose(-2, -1)).float())  # dScore/dA: (B, H, T, S)
-    return maps.stack("self"), torch.stack(gradients), target.detach()
+    return maps.layers("self"), gradients, target.detach()
 
 
 def _relevance_matrix(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], pick: Pick,
@@ -127,7 +140,7 @@ def _relevance_matrix(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[
         _self_attention_sites(fn)
         maps = attention_maps(fn, *args, kinds=["self"], **kwargs)
         target, _ = pick(maps.output)
-        return rollout(maps.stack("self")), target
+        return rollout(maps.layers("self")), target
     attention, gradients, target = _attention_gradients(fn, args, kwargs, pick)
     return gradient_rollout(attention, gradients), target
 
