@@ -6,13 +6,19 @@ inputs object that the block hands over without looking inside:
 
     Block(MultiHeadAttention(...), MLP(...), norm)            block(x, AttentionInputs(mask, rope=rope))
     Block(RelativeMultiHeadAttention(...), MLP(...), norm)    block(x, RelativeInputs(pos, mask, memory))
+
+A block with `checkpointed = True` keeps only its input while training with gradients and
+recomputes its activations in the backward pass (non-reentrant `torch.utils.checkpoint`; the CPU
+and device RNG states are restored for the recompute, so dropout draws the same masks).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Generic, Protocol, TypeVar
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tformer.nn.attention import AttentionInputs
 from tformer.nn.dropout import Dropout
@@ -41,6 +47,7 @@ class Block(nn.Module, Generic[I]):
         self.ffn, self.ffn_norm = ffn, norm()
         self.pre_norm = pre_norm
         self.dropout = Dropout(dropout)
+        self.checkpointed = False  # recompute activations in backward (training with gradients only)
 
     def _residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:
@@ -51,6 +58,12 @@ class Block(nn.Module, Generic[I]):
                 cross_inputs: AttentionInputs | None = None) -> Tensor:
         """x: (B, T, d_model) -> (B, T, d_model). inputs: the self-attention's (None: its
         defaults, e.g. no mask); cross_inputs: the cross-attention's, with the context."""
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            # eval, inference and KV-cache decoding (no gradients) never take this path
+            return checkpoint(self._forward, x, inputs, cross_inputs, use_reentrant=False)
+        return self._forward(x, inputs, cross_inputs)
+
+    def _forward(self, x: Tensor, inputs: I | None, cross_inputs: AttentionInputs | None) -> Tensor:
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, inputs))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, cross_inputs))

@@ -38,6 +38,9 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     threads: int | None = None  # CPU intra-op threads; None: one per core other processes leave free
+    # Recompute each Block's activations in the backward pass instead of keeping them: true (every
+    # block), N (every N-th block: the N-th, 2N-th, ...) or false. Same gradients, less memory.
+    activation_checkpointing: bool | int = False
     # Adversarial training (classification tasks): "none"; "pgd" (images: an L-inf PGD attack in
     # pixel space, [0, 1] kept); "embedding" (text: a perturbation of the token embeddings, FreeLB /
     # PGD-style). The loss is (1 - weight) * clean + weight * adversarial.
@@ -62,6 +65,7 @@ class TrainConfig:
                 check_positive(f"training.{name}", getattr(self, name), allow_zero=name == "min_lr")
         self._check_warmup()
         self._check_adversarial()
+        self._check_activation_checkpointing()
         check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
         if self.batch_size % self.grad_accum:
@@ -78,6 +82,12 @@ class TrainConfig:
             raise ConfigError(f"training.warmup_steps ({self.warmup_steps}) is longer than the run "
                               f"(training.max_steps={self.max_steps}): the learning rate would never "
                               f"reach training.lr; set training.warmup_steps <= {self.max_steps}")
+
+    def _check_activation_checkpointing(self) -> None:
+        value = self.activation_checkpointing
+        if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 1):
+            raise ConfigError(f"training.activation_checkpointing={value!r} is not valid; set true (every "
+                              f"block), false, or N >= 1 (every N-th block)")
 
     def _check_adversarial(self) -> None:
         check_choice("training.adversarial", self.adversarial, ADVERSARIAL)

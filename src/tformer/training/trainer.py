@@ -25,6 +25,7 @@ from tformer.config import ConfigError
 from tformer.runs import checkpoint
 from tformer.training import distributed, rundir
 from tformer.training import state as run_state
+from tformer.training.checkpointing import apply_activation_checkpointing
 from tformer.training.optim import build_optimizer, learning_rate
 from tformer.training.report import Reporter
 from tformer.training.settings import TrainConfig
@@ -79,6 +80,8 @@ class Trainer:
         self.run_dir = Path(run_dir).expanduser()
         self.run_config = run_config or {}
         self.model = model.to(self.world.device)
+        if config.activation_checkpointing:  # before DDP and compile wrap the blocks
+            apply_activation_checkpointing(self.model, config.activation_checkpointing)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
                                          (config.beta1, config.beta2))
         self.amp_dtype = autocast_dtype(config.precision, self.world.device, self.model)
