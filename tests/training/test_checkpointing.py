@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from tformer.config import ConfigError
 from tformer.inference import generate
 from tformer.models import build_model
 from tformer.training import CausalLMTask, TrainConfig, Trainer
