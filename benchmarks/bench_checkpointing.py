@@ -34,6 +34,7 @@ from tformer import cpu
 from tformer.models import build_model, get_config
 from tformer.training.checkpointing import apply_activation_checkpointing, blocks_of
 from tformer.training.optim import build_optimizer
+from tformer.training.tasks.causal_lm import takes_targets
 
 CASES = {  # name -> (preset, default batch)
     "gpt2-small": ("gpt2-small", 4),
@@ -54,7 +55,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(model: torch.nn.Module, preset: str, batch: int, args: argparse.Namespace):
+def make_step(model: torch.nn.Module, preset: str, batch: int, args: argparse.Namespace, checkpointed: bool):
     """The step function and a description of its inputs."""
     g = torch.Generator().manual_seed(0)
     if get_config(preset).__class__.__name__ == "ViTConfig":
@@ -63,7 +64,10 @@ def make_step(model: torch.nn.Module, preset: str, batch: int, args: argparse.Na
         labels = torch.randint(0, c.n_classes, (batch,), generator=g).to(args.device)
         return (lambda: F.cross_entropy(model(images), labels)), f"{batch}x{c.channels}x{c.image_size}x{c.image_size}"
     ids = torch.randint(0, model.config.vocab_size, (batch, args.seq + 1), generator=g).to(args.device)
-    return (lambda: F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())), f"{batch}x{args.seq}"
+    x, y = ids[:, :-1], ids[:, 1:]
+    if checkpointed and takes_targets(model):  # as the causal_lm task does: the loss chunked in the model
+        return (lambda: model(x, targets=y)), f"{batch}x{args.seq}"
+    return (lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten())), f"{batch}x{args.seq}"
 
 
 def run_case(case: str, setting: str, args: argparse.Namespace) -> dict:
@@ -77,7 +81,7 @@ def run_case(case: str, setting: str, args: argparse.Namespace) -> dict:
     every = {"off": False, "on": True}[setting] if setting in ("off", "on") else int(setting)
     apply_activation_checkpointing(model, every)
     optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
-    loss_fn, shape = make_step(model, preset, batch, args)
+    loss_fn, shape = make_step(model, preset, batch, args, checkpointed=bool(every))
     # set-up: parameters, gradients and AdamW's moments all allocated (a step at lr 0 creates them)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

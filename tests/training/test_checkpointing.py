@@ -161,7 +161,7 @@ def tiny_model() -> nn.Module:
                        dropout=0.2)
 
 
-def task(interrupt_at: int | None = None) -> CausalLMTask:
+def task(interrupt_at: int | None = None, fused: bool = False) -> CausalLMTask:
     class Interrupting(CausalLMTask):
         def train_batch(self, step, shard, n_shards):
             if step == interrupt_at:
@@ -169,7 +169,8 @@ def task(interrupt_at: int | None = None) -> CausalLMTask:
             return super().train_batch(step, shard, n_shards)
 
     tokens = np.random.default_rng(0).integers(0, VOCAB, 3000).astype(np.uint16)
-    return Interrupting(tokens[:2000], tokens[2000:], context=16, batch_size=4, seed=1, n_eval_batches=1)
+    return Interrupting(tokens[:2000], tokens[2000:], context=16, batch_size=4, seed=1, n_eval_batches=1,
+                        fused_loss=fused)
 
 
 def config(**overrides) -> TrainConfig:
@@ -183,13 +184,32 @@ def losses(run_dir) -> list[float]:
     return [r["train_loss"] for r in rows if "train_loss" in r]
 
 
-def test_training_with_checkpointing_equals_training_without_and_resumes(tmp_path) -> None:
+@pytest.mark.parametrize("fused", [False, True])  # True: the loss chunked through the head, inside the model
+def test_training_with_checkpointing_equals_training_without_and_resumes(tmp_path, fused: bool) -> None:
     on = config(activation_checkpointing=True)
     Trainer(tiny_model(), task(), config(), tmp_path / "off").fit()
-    result = Trainer(tiny_model(), task(interrupt_at=1), on, tmp_path / "on").fit()
+    result = Trainer(tiny_model(), task(interrupt_at=1, fused=fused), on, tmp_path / "on").fit()
     assert result.interrupted and result.step == 2
     saved = json.loads((tmp_path / "on" / "checkpoints" / "last" / "config.json").read_text())
     assert saved["training"]["activation_checkpointing"] is True
-    assert Trainer(tiny_model(), task(), on, tmp_path / "on").fit().step == 4
+    assert Trainer(tiny_model(), task(fused=fused), on, tmp_path / "on").fit().step == 4
     np.testing.assert_allclose(losses(tmp_path / "on"), losses(tmp_path / "off"), atol=1e-6)
     assert len(losses(tmp_path / "off")) == 4
+
+
+def test_the_causal_lm_task_takes_the_chunked_loss_only_with_checkpointing_on(tmp_path) -> None:
+    from tformer.training.recipe import prepare, recipe_from_dict
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 50, encoding="utf-8")
+
+    def recipe(setting):
+        return recipe_from_dict({
+            "task": "causal_lm", "model": {"preset": "gpt-nano", "n_layers": 1, "d_model": 16, "n_heads": 2,
+                                           "context_length": 16},
+            "data": {"source": str(corpus), "cache_dir": str(tmp_path / "cache")}, "run_dir": str(tmp_path / "r"),
+            "training": {"max_steps": 2, "batch_size": 4, "device": "cpu", "activation_checkpointing": setting}})
+
+    for setting, fused in ((False, False), (True, True), (1, True)):
+        prepared = prepare(recipe(setting))
+        assert prepared.task.fused_loss is fused

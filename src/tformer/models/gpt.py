@@ -20,6 +20,7 @@ from tformer.nn import (ALiBi, AttentionInputs, Block, KVCache, LearnedPositions
 from tformer.nn.attend import BACKENDS
 from tformer.nn.dropout import Dropout
 from tformer.nn.feedforward import ACTIVATIONS
+from tformer.nn.loss import chunked_cross_entropy
 from tformer.nn.masks import Mask
 from tformer.nn.norm import NORMS
 from tformer.nn.patterns import at_positions, check_pattern, pattern_mask
@@ -221,10 +222,15 @@ class GPT(nn.Module):
             raise ValueError(f"cache holds {cache.batch_size} sequences, input has {ids.shape[0]}")
 
     def forward(self, ids: Tensor, *, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, targets: Tensor | None = None) -> Tensor:
         """ids: (B, T) long -> logits (B, T, V). attention_mask: (B, T), 1 for real tokens, 0 for
-        (left) padding. cache: a KVCache from `new_cache`; the new tokens are appended to it."""
-        return self.lm_head(self.hidden(ids, attention_mask=attention_mask, cache=cache))
+        (left) padding. cache: a KVCache from `new_cache`; the new tokens are appended to it.
+        targets: (B, T) next-token ids (-100: none) -> instead of logits, their mean cross-entropy,
+        computed in chunks so that the (B, T, V) logits never exist at once (`nn.loss`)."""
+        hidden = self.hidden(ids, attention_mask=attention_mask, cache=cache)
+        if targets is not None:
+            return chunked_cross_entropy(hidden, self.lm_head, targets)
+        return self.lm_head(hidden)
 
     def next_logits(self, ids: Tensor, *, attention_mask: Tensor | None = None,
                     cache: KVCache | None = None) -> Tensor:

@@ -4,6 +4,7 @@ tokenized corpus."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -52,8 +53,9 @@ class CausalLMTask:
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, *, context: int,
                  batch_size: int, seed: int, n_eval_batches: int = 20,
                  tokenizer: Tokenizer | None = None, sample_prompt: str = "\n",
-                 sample_tokens: int = 200) -> None:
+                 sample_tokens: int = 200, fused_loss: bool = False) -> None:
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.fused_loss = fused_loss  # model(ids, targets=...) returns the loss (see `takes_targets`)
         self.context, self.batch_size, self.seed = context, batch_size, seed
         self.n_eval_batches = n_eval_batches
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
@@ -71,6 +73,8 @@ class CausalLMTask:
             yield Batch({"ids": x, "targets": y}, n_examples=x.shape[0], n_tokens=x.numel())
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        if self.fused_loss:  # the model reduces its logits to the loss chunk by chunk
+            return model(batch["ids"], targets=batch["targets"])
         return causal_lm_loss(model(batch["ids"]), batch["targets"])
 
     def samples(self, model: nn.Module) -> list[str]:
@@ -103,7 +107,15 @@ def text_fingerprint(texts: list[str]) -> dict[str, str]:
     return {"data_sha256": digest.hexdigest()}
 
 
-def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int, text: str | None = None) -> CausalLMTask:
+def takes_targets(model: nn.Module) -> bool:
+    """Whether `model(ids, targets=...)` returns the loss itself (GPT: without the whole logits)."""
+    return "targets" in inspect.signature(type(model).forward).parameters
+
+
+def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int, text: str | None = None,
+          model: nn.Module | None = None) -> CausalLMTask:
+    """The task; with activation checkpointing on and a model that takes targets, the loss is
+    computed inside the model, chunk by chunk (the logits were most of what checkpointing left)."""
     data: DataSpec = settings.data
     text = load_text(data.source) if text is None else text
     corpus = TokenizedCorpus.from_text(text, tokenizer, token_cache_dir(data.cache_dir),
@@ -111,7 +123,8 @@ def _task(settings: TaskSettings, tokenizer: Tokenizer, context: int, text: str 
     t = settings.training
     return CausalLMTask(corpus.train, corpus.val, context=context, batch_size=t.batch_size,
                         seed=t.seed, n_eval_batches=t.eval_batches, tokenizer=tokenizer,
-                        sample_prompt=settings.sample.prompt, sample_tokens=settings.sample.tokens)
+                        sample_prompt=settings.sample.prompt, sample_tokens=settings.sample.tokens,
+                        fused_loss=bool(t.activation_checkpointing) and model is not None and takes_targets(model))
 
 
 def check_prompt(tokenizer: Tokenizer, prompt: str) -> None:
@@ -128,7 +141,7 @@ def prepare(settings: TaskSettings, tokenizer_for: Any) -> TaskData:
     tokenizer = tokenizer_for(lambda: [text])
     check_prompt(tokenizer, settings.sample.prompt)
     return TaskData(tokenizer, {"vocab_size": tokenizer.vocab_size},
-                    lambda model: _task(settings, tokenizer, model.config.context_length, text),
+                    lambda model: _task(settings, tokenizer, model.config.context_length, text, model),
                     notes=text_fingerprint([text]))
 
 
