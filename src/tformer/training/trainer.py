@@ -23,7 +23,7 @@ from torch import nn
 from tformer import cpu
 from tformer.config import ConfigError
 from tformer.runs import checkpoint
-from tformer.training import distributed, rundir
+from tformer.training import distributed, memory_plan, rundir
 from tformer.training import state as run_state
 from tformer.training.checkpointing import apply_activation_checkpointing
 from tformer.training.optim import build_optimizer, learning_rate
@@ -69,6 +69,8 @@ def autocast_dtype(precision: str, device: torch.device, model: nn.Module | None
 class Trainer:
     """`Trainer(model, task, config, run_dir).fit()` trains, evaluates and checkpoints into run_dir."""
 
+    plan_memory = True  # measure and write memory_plan.json before the first step (memory_plan)
+
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *,
                  run_config: dict[str, Any] | None = None, world: distributed.World | None = None,
                  reporter: Reporter | None = None) -> None:
@@ -96,6 +98,7 @@ class Trainer:
         self._eval_batches: list[Batch] = []
         self.seen = (0.0, 0.0)  # tokens and examples trained on since the last progress line
         self.threads: cpu.ThreadPolicy | None = None  # set when fit starts
+        self.memory_plan: memory_plan.MemoryPlan | None = None  # made when fit starts
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -235,6 +238,8 @@ class Trainer:
         self.model.train()
         if self.world.device.type == "cpu":  # one process adapts to contention; torchrun's ranks do not
             self.threads = cpu.thread_policy(self.config.threads, adapt=not self.world.distributed)
+        self.memory_plan = (memory_plan.before_training(self)
+                            if self.plan_memory and self.step < self.config.max_steps else None)
         with self._graceful_interrupt():
             try:
                 self._loop()
@@ -281,6 +286,8 @@ class Trainer:
         cfg = self.config
         checkpoint_every = cfg.checkpoint_every or cfg.eval_every
         bad_steps, window_start = 0, time.perf_counter()
+        if self.memory_plan is not None:
+            self.memory_plan.start(self.step)
         while self.step < cfg.max_steps:
             loss, finite = self.train_step()
             self.step += 1
@@ -301,6 +308,8 @@ class Trainer:
                 if self.threads is not None:
                     self.threads.update()
                 window_start, self.seen = time.perf_counter(), (0.0, 0.0)
+                if self.memory_plan is not None and self.memory_plan.due(self.step, self.step == cfg.max_steps):
+                    self.memory_plan.record_measured(self.step)
             at_end = self.step == cfg.max_steps
             if self.step % cfg.eval_every == 0 or at_end:
                 if self._evaluate_and_maybe_stop():
