@@ -25,7 +25,7 @@ from torch import nn
 
 from tformer.compress.output import RECORD_KEYS, SOURCE_KEY, check_new_folder, run_keys, write_run
 from tformer.files import atomic_directory, read_json
-from tformer.models.edits import ATTRIBUTE, EDITS_KEY, edits_of, note_edit, replay_edits
+from tformer.models.edits import EDITS_KEY, edit_params, edits_of, forget_edits, note_edit, replay_edits
 from tformer.models.record import config_from_record, record_of
 from tformer.models.registry import build_model
 from tformer.nn import lora
@@ -41,12 +41,11 @@ ADAPTERS_KEY = "adapters_from"  # run key of a run re-attached from saved adapte
 
 def lora_edit(run: Run) -> dict[str, Any]:
     """The run's LoRA edit params; a run without adapters is one ValueError."""
-    edits = edits_of(run.model)
-    found = [e for e in edits if e["kind"] == "lora"]
-    if not found:
+    params = edit_params(run.model, "lora")
+    if params is None:
         raise ValueError(f"{run.path} has no LoRA adapters (its model record holds no lora edit); train it "
                          "from a recipe with model.lora, e.g. bert-sentiment-minilm-lora")
-    return {k: v for k, v in found[0].items() if k != "kind"}
+    return params
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -97,7 +96,7 @@ def merge_lora(run_path: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{run.path} was edited after LoRA ({edits[-1]['kind']}); merge the adapters before "
                          "editing the model further")
     merged = lora.remove_lora(run.model)
-    object.__setattr__(run.model, ATTRIBUTE, [e for e in edits if e["kind"] != "lora"])
+    forget_edits(run.model, "lora")
     write_run(run.model, run, out, extra_keys={"recipe": _without_lora(run.record.get("recipe"))})
     log.info("merged %d LoRA adapters of %s into the plain run %s", merged, run.path, out)
     return out

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tformer.config import ConfigError
 from tformer.files import atomic_directory, atomic_path, read_json
-from tformer.models.edits import edits_of
+from tformer.models.edits import edit_kinds
 from tformer.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None =
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_gpt2 exports a tformer GPT, got {type(model).__name__}")
-    edits = sorted({edit["kind"] for edit in edits_of(model)})
+    edits = sorted(edit_kinds(model))
     if edits:  # GPT-2 has one head count and width for every layer, and float weights
         raise ConfigError(f"cannot export a model edited by {', '.join(edits)} to HF GPT-2, which has the same "
                           "heads and width in every layer and float weights; export the run it came from "

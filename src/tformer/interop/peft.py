@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tformer.files import atomic_directory, check_output_folder, read_json
 from tformer.interop import hf_bert, huggingface
 from tformer.models.bert import Bert
-from tformer.models.edits import edits_of, note_edit
+from tformer.models.edits import edit_kinds, edit_params, note_edit
 from tformer.models.gpt import GPT
 from tformer.nn import lora
 from tformer.nn.quantized import QuantizedLinear
@@ -74,7 +74,7 @@ def twin(model: nn.Module) -> tuple[str, str, bool, dict[str, list[str]], dict[s
 def check_plain_base(model: nn.Module, doing: str) -> None:
     """peft's adapters sit on transformers' model, which has one head count and width for every
     layer and float weights: a pruned or quantized base is one ValueError line."""
-    edits = sorted({e["kind"] for e in edits_of(model)} - {"lora"})
+    edits = sorted(edit_kinds(model) - {"lora"})
     if any(isinstance(m, QuantizedLinear) for m in model.modules()) and "quantize" not in edits:
         edits.append("quantize")
     if edits:
@@ -103,8 +103,8 @@ def write_peft(model: nn.Module, out: str | Path, *, base_model: str | None = No
     check_plain_base(model, "write")
     out = check_new_folder(out)
     cls, _, fan_in_fan_out, linears, heads = twin(model)
-    (params,) = [{k: v for k, v in e.items() if k != "kind"} for e in edits_of(model) if e["kind"] == "lora"] or [
-        {"r": next(iter(layers.values())).r, "alpha": next(iter(layers.values())).alpha, "dropout": 0.0}]
+    params = edit_params(model, "lora") or {"r": next(iter(layers.values())).r,
+                                            "alpha": next(iter(layers.values())).alpha, "dropout": 0.0}
     tensors: dict[str, Tensor] = {}
     targets: list[str] = []
     for name, layer in layers.items():

@@ -38,6 +38,23 @@ def edits_of(model: nn.Module) -> list[dict[str, Any]]:
     return [dict(edit) for edit in getattr(model, ATTRIBUTE, ())]
 
 
+def edit_kinds(model: nn.Module) -> set[str]:
+    """The kinds of edit made to `model` (empty for a model as built)."""
+    return {edit["kind"] for edit in edits_of(model)}
+
+
+def edit_params(model: nn.Module, kind: str) -> dict[str, Any] | None:
+    """The params of `model`'s first edit of `kind` (without "kind"); None when there is none."""
+    found = [edit for edit in edits_of(model) if edit["kind"] == kind]
+    return {k: v for k, v in found[0].items() if k != "kind"} if found else None
+
+
+def forget_edits(model: nn.Module, kind: str) -> None:
+    """Drop the record of every `kind` edit, after the model was changed back (LoRA merged into
+    plain linears): its record then describes what it now is."""
+    object.__setattr__(model, ATTRIBUTE, [edit for edit in edits_of(model) if edit["kind"] != kind])
+
+
 def note_edit(model: nn.Module, kind: str, params: Mapping[str, Any]) -> None:
     """Record that `model` was edited (after the edit was made); params must be JSON data."""
     if kind not in REPLAYS:
@@ -67,4 +84,5 @@ def replay_edits(model: nn.Module, edits: Any, where: str = "the model record") 
     return model
 
 
-__all__ = ["EDITS_KEY", "REPLAYS", "edits_of", "note_edit", "replay_edits"]
+__all__ = ["EDITS_KEY", "REPLAYS", "edit_kinds", "edit_params", "edits_of", "forget_edits", "note_edit",
+           "replay_edits"]

@@ -192,8 +192,7 @@ def wrap(model: nn.Module, names: Iterable[str], r: int, alpha: float, dropout: 
         if not isinstance(modules[name], nn.Linear):
             raise TypeError(f"{name} is a {type(modules[name]).__name__}, not a linear layer")
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, LoRALinear(modules[name], r, alpha, dropout))
+        model.set_submodule(name, LoRALinear(modules[name], r, alpha, dropout))
     return names
 
 

@@ -161,11 +161,6 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, leaf = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), leaf
-
-
 def swap_linears(model: nn.Module, names: Iterable[str], scheme: str, *, empty: bool = False) -> None:
     """Replace the named `nn.Linear`s of `model` by `QuantizedLinear`s (quantized from their
     weights, or `empty` ones of the same shapes for a checkpoint to fill). A name that is not a
@@ -182,11 +177,10 @@ def swap_linears(model: nn.Module, names: Iterable[str], scheme: str, *, empty: 
             raise ValueError(f"{name} is a {type(module).__name__}, not a Linear")
         linears.append(module)
     for name, linear in zip(names, linears, strict=True):
-        parent, leaf = _parent(model, name)
         new = (QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                                device=linear.weight.device)
                if empty else QuantizedLinear.from_linear(linear, scheme))
-        setattr(parent, leaf, new)
+        model.set_submodule(name, new)
 
 
 def replay(model: nn.Module, params: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from tformer.config import ConfigError, from_dict
 from tformer.models.protocols import can, capabilities
-from tformer.models.edits import edits_of, note_edit, replay_edits
+from tformer.models.edits import edit_kinds, edits_of, note_edit, replay_edits
 from tformer.models.record import record_of
 from tformer.models.registry import FAMILIES, PRESETS, family_of, get_config, preset_family
 from tformer.nn import lora
@@ -184,7 +184,7 @@ def _from_run(spec: ModelSpec, fields: dict[str, Any], tokenizer: Any) -> tuple[
     """A model whose config is the run's with the overrides and fields; matching weights copied."""
     folder = find_checkpoint(spec.init_from)  # type: ignore[arg-type]
     source, record = load_model(folder)
-    if any(edit["kind"] == "quantize" for edit in edits_of(source)):  # int8 buffers take no gradients
+    if "quantize" in edit_kinds(source):  # int8 buffers take no gradients
         origin = record.get("compressed_from", "the float run it was quantized from")
         raise ConfigError(f"model.init_from={spec.init_from!r} is quantized: its int8 linears cannot be "
                           f"trained; fine-tune {origin} instead and quantize the result")
