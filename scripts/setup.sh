@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install tformer (what `tformer` itself needs, e.g. for `python3 -m tformer demo`) into the current
 # Python environment. `--dev` (or TFORMER_DEV=1) also installs the test dependencies
-# (pytest, hypothesis, transformers, sacrebleu, captum, the MiniLM weights); scripts/test.sh does that.
+# (pytest, hypothesis, transformers, sacrebleu, captum, peft, onnx + onnxruntime, Flower, the MiniLM
+# weights); scripts/test.sh does that.
 # On a machine without an NVIDIA GPU, torch is pinned to the CPU build first so that pip
 # never pulls several GB of CUDA packages; with a GPU, pip's default (CUDA) build is used.
 set -euo pipefail
