@@ -10,7 +10,7 @@ SRC = Path(tformer.__file__).parent
 #   -> analysis, compress, interop, federated, serve -> cli
 # (data may use tokenizers; the Trainer's samples use inference; using a trained model goes through
 # runs, never through training)
-RANK = {"config": 0, "files": 0, "cpu": 0, "tokenizers": 1, "data": 2, "metrics": 2, "nn": 3, "models": 4, "runs": 5,
+RANK = {"config": 0, "files": 0, "cpu": 0, "energy": 0, "tokenizers": 1, "data": 2, "metrics": 2, "nn": 3, "models": 4, "runs": 5,
         "inference": 6, "attacks": 6, "training": 7, "analysis": 8, "compress": 8, "interop": 8, "federated": 8, "serve": 8,
         "cli": 9, "__main__": 10}
 
