@@ -91,8 +91,8 @@ def test_greedy_generation_matches_hf(tmp_path: Path, prompts: list[list[int]]) 
     assert ours.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "activation": "gelu", "d_ff": 40}],
-                         ids=["gpt2", "untied_gelu_dff"])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "activation": "gelu", "d_ff": 40},
+                                       {"bias": False}], ids=["gpt2", "untied_gelu_dff", "no_bias"])
 def test_export_round_trips_and_loads_in_transformers(tmp_path: Path, overrides: dict) -> None:
     torch.manual_seed(1)
     model = GPT(dataclasses.replace(TINY, **overrides)).eval()
@@ -152,7 +152,7 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overrides", [dict(position="rope"), dict(position="alibi"), dict(norm="rmsnorm"),
                                        dict(activation="swiglu"), dict(n_kv_heads=2), dict(qk_norm=True),
-                                       dict(bias=False)])
+                                       dict(attn_pattern="sliding_window", attn_pattern_params={"window": 8})])
 def test_unexportable_config_is_refused(tmp_path: Path, overrides: dict) -> None:
     model = GPT(dataclasses.replace(TINY, **overrides))
     with pytest.raises(ConfigError, match=next(iter(overrides))):
@@ -170,9 +170,8 @@ def test_a_pruned_model_is_refused_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
 
 
-def test_failed_save_leaves_target_untouched(tmp_path: Path, monkeypatch) -> None:
+def test_failed_save_leaves_nothing_and_a_folder_with_files_is_refused(tmp_path: Path, monkeypatch) -> None:
     model = GPT(TINY)
-    real_save_file = huggingface.save_file
 
     def save_half_then_fail(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
@@ -183,14 +182,8 @@ def test_failed_save_leaves_target_untouched(tmp_path: Path, monkeypatch) -> Non
         save_gpt2(model, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []  # no target, no staging directory
 
-    monkeypatch.setattr(huggingface, "save_file", real_save_file)
-    save_gpt2(model, tmp_path / "existing")
-    (tmp_path / "existing" / "tokenizer.json").write_text("{}")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "existing").iterdir()}
-    monkeypatch.setattr(huggingface, "save_file", save_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        save_gpt2(GPT(TINY), tmp_path / "existing")
-    assert {p.name: p.read_bytes() for p in (tmp_path / "existing").iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["existing"]
-    for name, tensor in load_gpt2(tmp_path / "existing").state_dict().items():
-        assert torch.equal(tensor, model.state_dict()[name]), name
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="already holds files \\(notes.txt\\)") as e:
+        save_gpt2(model, tmp_path / "mine")
+    assert "\n" not in str(e.value) and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

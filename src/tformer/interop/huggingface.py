@@ -7,19 +7,20 @@ weight (out, in), so those matrices are transposed both ways. Transformers itsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from tformer.config import ConfigError
-from tformer.files import atomic_directory, atomic_path, read_json
+from tformer.files import atomic_directory, read_json
 from tformer.models.edits import edit_kinds
 from tformer.models.gpt import GPT, GPTConfig
 
@@ -155,6 +156,11 @@ def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     state[ours] = tensor.t() if transpose else tensor
     if config.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
+    biases = [name for name in state if name.endswith(".bias")]
+    if all(not state[name].any() for name in biases):  # a bias=False model exported by save_gpt2
+        log.info("%s: every bias is zero; loading it as a model without biases (the same function)", root)
+        config = dataclasses.replace(config, bias=False)
+        state = {name: tensor for name, tensor in state.items() if name not in biases}
     dtype = dtype or state["tok_emb.weight"].dtype
     with torch.device(device or "cpu"):
         model = GPT(config)
@@ -163,20 +169,40 @@ def load_gpt2(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def gpt2_problems(config: GPTConfig) -> list[str]:
+    """What HF GPT-2 cannot express in `config`, one phrase each (empty: it can). Missing biases
+    are not a problem: they are written as zeros, the same function."""
+    problems = []
+    if config.position != "learned":
+        problems.append(f"position={config.position!r} (GPT-2 has learned positions)")
+    if config.norm != "layernorm":
+        problems.append(f"norm={config.norm!r} (GPT-2 has LayerNorm)")
+    if config.activation not in TO_HF_ACTIVATION:
+        problems.append(f"activation={config.activation!r} (GPT-2's MLP takes {sorted(TO_HF_ACTIVATION)})")
+    if config.n_kv_heads not in (None, config.n_heads):
+        problems.append(f"n_kv_heads={config.n_kv_heads} (grouped-query attention; GPT-2 has one key/value "
+                        "head per query head)")
+    problems += shared_gpt_problems(config)
+    return problems
+
+
+def shared_gpt_problems(config: GPTConfig) -> list[str]:
+    """What neither HF GPT-2 nor HF Llama can express."""
+    problems = []
+    if config.qk_norm:
+        problems.append("qk_norm=True (neither normalises queries and keys)")
+    if config.attn_pattern != "causal":
+        problems.append(f"attn_pattern={config.attn_pattern!r} (every query attends to all earlier tokens "
+                        "there; train with attn_pattern=causal)")
+    return problems
+
+
 def gpt_config_to_hf(config: GPTConfig, *, bos_token_id: int | None = None,
                      eos_token_id: int | None = None) -> dict:
     """The config.json dict of HF GPT-2 for `config`; ConfigError if GPT-2 cannot express it."""
-    checks = [("position", "learned"), ("norm", "layernorm"), ("bias", True), ("qk_norm", False)]
-    for field, needed in checks:
-        if getattr(config, field) != needed:
-            raise ConfigError(f"cannot export {field}={getattr(config, field)!r} to HF GPT-2, which "
-                              f"only has {field}={needed!r}")
-    if config.n_kv_heads not in (None, config.n_heads):
-        raise ConfigError(f"cannot export n_kv_heads={config.n_kv_heads} (grouped-query attention) "
-                          "to HF GPT-2, which has one key/value head per query head")
-    if config.activation not in TO_HF_ACTIVATION:
-        raise ConfigError(f"cannot export activation={config.activation!r} to HF GPT-2; it supports "
-                          f"{sorted(TO_HF_ACTIVATION)}")
+    problems = gpt2_problems(config)
+    if problems:
+        raise ConfigError(f"cannot export {'; '.join(problems)} to HF GPT-2")
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
             "vocab_size": config.vocab_size, "n_positions": config.context_length,
             "n_embd": config.d_model, "n_layer": config.n_layers, "n_head": config.n_heads,
@@ -188,46 +214,84 @@ def gpt_config_to_hf(config: GPTConfig, *, bos_token_id: int | None = None,
             "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
 
 
-def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None = None,
-              eos_token_id: int | None = None) -> Path:
-    """Write `model` as an HF GPT-2 checkpoint (config.json + model.safetensors) at `path`.
-
-    Everything is written to temporary files beside `path` first (fsynced) and moved in by rename,
-    so a failure leaves `path` as it was. Other files in an existing directory (a tokenizer) stay.
-    The token ids go to config.json (GPTConfig does not know them).
-    """
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_gpt2 exports a tformer GPT, got {type(model).__name__}")
+def refuse_edits(model: nn.Module, target: str) -> None:
+    """One ConfigError when `model` was pruned, quantized or given adapters: an HF config has the
+    same heads and width in every layer and float weights."""
     edits = sorted(edit_kinds(model))
-    if edits:  # GPT-2 has one head count and width for every layer, and float weights
-        raise ConfigError(f"cannot export a model edited by {', '.join(edits)} to HF GPT-2, which has the same "
+    if edits:
+        raise ConfigError(f"cannot export a model edited by {', '.join(edits)} to {target}, which has the same "
                           "heads and width in every layer and float weights; export the run it came from "
                           "(a LoRA run: merge it first with `tformer adapter RUN --merge --out DIR`)")
+
+
+def dtype_name(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def check_export_folder(out: Path) -> None:
+    """An export writes a new folder: a file, or a folder holding anything, is refused untouched."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a new folder to export into")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ValueError(f"{out} already holds files ({shown}); export into a new or empty folder "
+                         "(nothing in it was changed)")
+
+
+def write_checkpoint(path: str | os.PathLike, hf_config: dict, tensors: dict[str, Tensor],
+                     documents: Mapping[str, Any] | None = None) -> Path:
+    """A new HF checkpoint folder: config.json, model.safetensors and `documents` (file name ->
+    JSON data: tokenizer.json, preprocessor_config.json). Everything is written into a hidden
+    sibling folder and renamed into place at the end, so a failure leaves no folder behind."""
+    root = Path(path)
+    check_export_folder(root)
+    with atomic_directory(root) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name, data in {CONFIG_FILE: hf_config, **(documents or {})}.items():
+            (staging / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return root
+
+
+def split_rows(names: dict[str, list[str]], state: Mapping[str, Tensor],
+               sizes: Mapping[str, list[int]] | None = None) -> dict[str, Tensor]:
+    """HF tensors from ours, the inverse of `gather_tensors`: a tensor that HF keeps as several
+    (q | k | v, gate | up) is split by rows, equally unless `sizes` names the row counts."""
+    tensors = {}
+    for ours, theirs in names.items():
+        tensor = state[ours].detach().to("cpu")
+        parts = (tensor.split(list(sizes[ours])) if sizes and ours in sizes
+                 else tensor.chunk(len(theirs)) if len(theirs) > 1 else [tensor])
+        for name, part in zip(theirs, parts):
+            tensors[name] = part.contiguous().clone()  # safetensors refuses views of one storage
+    return tensors
+
+
+def save_gpt2(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None = None,
+              eos_token_id: int | None = None, documents: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` as a new HF GPT-2 checkpoint folder (config.json + model.safetensors, and
+    `documents` such as tokenizer.json) at `path`: a new or empty folder, written whole or not at
+    all. A model without biases gets zero biases (the same function). The token ids go to
+    config.json (GPTConfig does not know them)."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_gpt2 exports a tformer GPT, got {type(model).__name__}")
+    refuse_edits(model, "HF GPT-2")
+    check_export_folder(Path(path))
     hf_config = gpt_config_to_hf(model.config, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     state = model.state_dict()
-    hf_config["dtype"] = hf_config["torch_dtype"] = str(state["tok_emb.weight"].dtype).removeprefix("torch.")
+    hf_config["dtype"] = hf_config["torch_dtype"] = dtype_name(state["tok_emb.weight"])
     tensors = {}
     for hf_name, (ours, transpose) in tensor_names(model.config).items():
-        tensor = state[ours].detach().to("cpu")
+        if ours in state:
+            tensor = state[ours].detach().to("cpu")
+        else:  # bias=False: the bias of the layer whose weight is `ours` with .weight, as zeros
+            weight = state[ours.removesuffix(".bias") + ".weight"]
+            tensor = torch.zeros(weight.shape[0], dtype=weight.dtype)
         prefix = "" if hf_name == "lm_head.weight" else "transformer."
         tensors[prefix + hf_name] = (tensor.t() if transpose else tensor).contiguous()
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a directory")
-    config_text = json.dumps(hf_config, indent=2) + "\n"
-    if root.exists():  # both written, then one rename each; load_gpt2 checks shapes against config.json
-        stale = [name for name in (INDEX_FILE, *PICKLE_FILES) if (root / name).exists()]
-        if stale:
-            log.warning("%s also holds %s; %s takes precedence when loading", root, stale, WEIGHTS_FILE)
-        with atomic_path(root / CONFIG_FILE) as config_tmp, atomic_path(root / WEIGHTS_FILE) as weights_tmp:
-            save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-            config_tmp.write_text(config_text, encoding="utf-8")
-    else:
-        with atomic_directory(root) as staging:
-            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-            (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-    log.info("saved GPT-2 checkpoint to %s", root)
-    return root
+    write_checkpoint(path, hf_config, tensors, documents)
+    log.info("saved GPT-2 checkpoint to %s", path)
+    return Path(path)
 
 
 def gather_tensors(names: dict[str, list[str]], tensors: dict[str, Tensor],
