@@ -23,6 +23,10 @@ from tformer.config import ConfigError
 from tformer.files import atomic_directory, read_json
 from tformer.models.edits import edit_kinds
 from tformer.models.gpt import GPT, GPTConfig
+from tformer.models.record import model_record
+from tformer.runs import checkpoint
+from tformer.runs.run import HAS_TOKENIZER, TOKENIZER_FILE, check_vocabulary
+from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +344,42 @@ def check_empty_output(out_dir: Path) -> None:
         raise ValueError(f"{out_dir} is a file; give a new folder to write the converted run into")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty; give a new folder (nothing in {out_dir} was changed)")
+
+
+def load_checkpoint_tokenizer(path: str | os.PathLike) -> HFJsonTokenizer:
+    """The tokenizer.json of an HF checkpoint folder; a clear error when it has none."""
+    root = Path(path)
+    if not (root / TOKENIZER_FILE).is_file():
+        legacy = [name for name in ("vocab.txt", "vocab.json", "tokenizer.model") if (root / name).is_file()]
+        hint = (f"it has {legacy[0]} but not tokenizer.json: write one in an environment with transformers, "
+                "`AutoTokenizer.from_pretrained(path).save_pretrained(path)`" if legacy else
+                "copy the tokenizer.json of the model it was trained from into it")
+        raise FileNotFoundError(f"checkpoint directory {root} has no {TOKENIZER_FILE}, so its text cannot "
+                                f"be tokenized; {hint}")
+    return load_hf_tokenizer(root)
+
+
+def write_run(out_dir: str | os.PathLike, model: nn.Module, source: str | os.PathLike,
+              tokenizer: HFJsonTokenizer | None = None) -> Path:
+    """A new tformer run directory (checkpoints/best, tokenizer.json when the model reads text)
+    holding an imported model, which `tformer.runs.open_run` reads and recipes fine-tune from
+    (`model.init_from`); written into a hidden sibling and renamed at the end."""
+    out = Path(out_dir)
+    check_empty_output(out)
+    check_vocabulary(tokenizer, model.config, Path(source) / TOKENIZER_FILE)  # before anything is written
+    record = {**model_record(model.config), "imported_from": str(Path(source).resolve())}
+    if tokenizer is None:
+        record[HAS_TOKENIZER] = False
+    with atomic_directory(out) as staging:
+        checkpoint.save(staging / "checkpoints" / "best", model, progress={"step": 0}, config=record)
+        if tokenizer is not None:
+            tokenizer.save(staging / TOKENIZER_FILE)
+    log.info("converted %s into tformer run directory %s", source, out)
+    return out
+
+
+def convert_gpt2(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the HF GPT-2 checkpoint `path` (with its tokenizer.json) as a new tformer run directory."""
+    check_empty_output(Path(out_dir))
+    tokenizer = load_checkpoint_tokenizer(path)
+    return write_run(out_dir, load_gpt2(path), path, tokenizer)
