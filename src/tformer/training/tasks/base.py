@@ -75,6 +75,25 @@ class Task(Protocol):
     # resume, so a resume from any step is exact.
 
 
+class Partitionable(Protocol):
+    """A task whose training examples can be dealt out among data holders (federated learning):
+    each example's class, and a copy of the task that trains on some examples only (validation
+    stays whole). Optionally `example_groups(column) -> (N,) str` names each example's natural
+    group (the source of a sentence), and `accuracy(model) -> float` scores the validation split."""
+
+    def example_labels(self) -> np.ndarray:
+        """(N,) int class index of every training example, in the task's own order."""
+        ...
+
+    def keep_training(self, index: np.ndarray) -> Task:
+        """The same task training on the examples at `index` (of the N) only."""
+        ...
+
+
+def can_partition(task: object) -> bool:
+    return all(callable(getattr(task, name, None)) for name in ("example_labels", "keep_training"))
+
+
 @dataclass
 class TaskData:
     """What a task module's `prepare` returns. `model_fields` are the model config values the

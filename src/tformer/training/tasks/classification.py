@@ -15,10 +15,11 @@ shard), so a resumed run makes the same perturbations. `pgd` (pixels) is for ima
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -100,7 +101,8 @@ class ClassificationTask:
     def __init__(self, train_rows: list[np.ndarray], train_labels: np.ndarray, val_rows: list[np.ndarray],
                  val_labels: np.ndarray, *, pad_id: int, batch_size: int, seed: int,
                  label_names: tuple[str, ...] = (), val_texts: tuple[str, ...] = (),
-                 adversary: TrainConfig | None = None) -> None:
+                 adversary: TrainConfig | None = None,
+                 groups: Callable[[str], np.ndarray] | None = None) -> None:
         if not train_rows or not val_rows:
             raise ConfigError(f"classification needs training and validation examples, got "
                               f"{len(train_rows)} and {len(val_rows)}")
@@ -111,6 +113,30 @@ class ClassificationTask:
         self.lengths = np.array([len(r) for r in train_rows])
         self.sampler = EpochSampler(len(train_rows), batch_size, seed, order=self.epoch_order)
         self.adversary = adversary if adversary is not None and adversary.adversarial == "embedding" else None
+        self._groups, self.kept = groups, np.arange(len(train_rows))  # kept: rows of the full training split
+
+    # -- partitioning (tasks.base.Partitionable): federated learning deals the examples out ------
+    def example_labels(self) -> np.ndarray:
+        return self.train_labels.numpy()
+
+    def example_groups(self, column: str) -> np.ndarray:
+        """(N,) the value of the data file's `column` (e.g. "source") for every training example."""
+        if self._groups is None:
+            raise ConfigError("this classification task was built without its data file: no groups to read")
+        return self._groups(column)[self.kept]
+
+    def keep_training(self, index: np.ndarray) -> ClassificationTask:
+        """A copy that trains on the examples at `index` only (validation unchanged)."""
+        index = np.asarray(index, dtype=np.int64)
+        task = copy.copy(self)
+        task.train_rows = [self.train_rows[i] for i in index]
+        task.train_labels, task.lengths, task.kept = self.train_labels[index], self.lengths[index], self.kept[index]
+        task.sampler = EpochSampler(len(index), self.batch_size, self.seed, order=task.epoch_order)
+        return task
+
+    def accuracy(self, model: nn.Module) -> float:
+        """The share of validation sentences whose predicted class is the true one."""
+        return float((self.predict(model) == self.val_labels.numpy()).mean())
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order of the training examples in `epoch` (a permutation, length-bucketed)."""
@@ -240,7 +266,16 @@ def _task(settings: TaskSettings, tokenizer: Any, labels: tuple[str, ...], max_l
     t = settings.training
     return ClassificationTask(encode(train), label_ids(train, labels), encode(val), label_ids(val, labels),
                               pad_id=specials.pad, batch_size=t.batch_size, seed=t.seed,
-                              label_names=labels, val_texts=val.texts[:5], adversary=t)
+                              label_names=labels, val_texts=val.texts[:5], adversary=t,
+                              groups=lambda column: column_values(data, train, column))
+
+
+def column_values(data: DataSpec, part: LabelledSentences, column: str) -> np.ndarray:
+    """(len(part),) str: another column of the data file (e.g. the source of a sentence) for each
+    example of `part`, matched by line; a missing column or an empty value is named with its line."""
+    table = load_labelled(data.source, text_column=data.text_column, label_column=column, format=data.format)
+    by_line = dict(zip(table.lines, table.labels))
+    return np.array([by_line[line] for line in part.lines], dtype=object)
 
 
 def input_length(max_length: int | None, context_length: int) -> int:

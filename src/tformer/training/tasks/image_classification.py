@@ -13,6 +13,7 @@ function of (seed, step, shard), so a resumed run makes the same adversarial ima
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -127,6 +128,27 @@ class ImageClassificationTask:
 
     def samples(self, model: nn.Module) -> list[str]:
         return []
+
+    # -- partitioning (tasks.base.Partitionable): federated learning deals the examples out ------
+    def example_labels(self) -> np.ndarray:
+        return self.labels.numpy()
+
+    def keep_training(self, index: np.ndarray) -> ImageClassificationTask:
+        """A copy that trains on the images at `index` only (validation unchanged)."""
+        index = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        task = copy.copy(self)
+        task.images, task.labels = self.images[index], self.labels[index]
+        task.sampler = EpochSampler(len(index), self.batch_size, self.seed)
+        return task
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module) -> float:
+        """The share of validation images whose predicted class is the true one."""
+        right = 0
+        with evaluating(model):
+            for batch in self.eval_batches(0, 1):
+                right += int((model(batch["images"]).argmax(-1) == batch["labels"]).sum())
+        return right / len(self.val_labels)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
