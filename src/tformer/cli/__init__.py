@@ -24,6 +24,7 @@ from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, who
 from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
 from tformer.cli.explain_command import add_explain_command
+from tformer.cli.federate_command import add_federate_command
 from tformer.cli.ood_command import add_ood_command
 from tformer.cli.prune_command import add_prune_command
 from tformer.cli.quantize_command import add_quantize_command
@@ -172,6 +173,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     add_prune_command(sub)
     add_quantize_command(sub)
     add_adapter_command(sub)
+    add_federate_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
