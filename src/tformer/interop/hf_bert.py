@@ -1,5 +1,5 @@
 """Hugging Face BERT checkpoints (BertModel, BertForMaskedLM, BertForSequenceClassification,
-BertForTokenClassification; MiniLM is a BertModel) -> `tformer.models.bert.Bert`.
+BertForTokenClassification; MiniLM is a BertModel) <-> `tformer.models.bert.Bert`.
 
 A checkpoint directory holds config.json + model.safetensors (or a sharded index) and, to be
 usable for text, tokenizer.json. Pickles are never loaded. HF's separate query/key/value Linears
@@ -13,23 +13,25 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from tformer.config import ConfigError, check_choice
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, check_empty_output, gather_tensors, read_safetensors
+from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+                                         load_checkpoint_tokenizer, read_safetensors, refuse_edits, split_rows,
+                                         write_checkpoint, write_run)
 from tformer.models.bert import HEADS, Bert, BertConfig
-from tformer.tokenizers import HFJsonTokenizer, load_hf_tokenizer
-from tformer.models.record import model_record
-from tformer.runs import checkpoint
-from tformer.runs.run import TOKENIZER_FILE, check_vocabulary
+from tformer.tokenizers import HFJsonTokenizer
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_HEADS = {"BertModel": "none", "BertForMaskedLM": "mlm", "BertForPreTraining": "mlm",
                       "BertForSequenceClassification": "sequence", "BertForTokenClassification": "token"}
+HEAD_ARCHITECTURES = {"none": "BertModel", "mlm": "BertForMaskedLM", "sequence": "BertForSequenceClassification",
+                      "token": "BertForTokenClassification"}
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "relu": "relu", "silu": "silu", "swish": "silu"}
 # options BERT configs may carry that our encoder cannot honour: key -> the only value we can
@@ -173,30 +175,68 @@ def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Seque
 
 def load_bert_tokenizer(path: str | os.PathLike) -> HFJsonTokenizer:
     """The checkpoint's tokenizer.json (WordPiece for BERT); a clear error when it has none."""
-    root = Path(path)
-    if not (root / TOKENIZER_FILE).is_file():
-        has_vocab = (root / "vocab.txt").is_file()
-        hint = ("it has vocab.txt but not tokenizer.json: write one in an environment with transformers, "
-                "`AutoTokenizer.from_pretrained(path).save_pretrained(path)`" if has_vocab else
-                "copy the tokenizer.json of the model it was trained from into it")
-        raise FileNotFoundError(f"checkpoint directory {root} has no {TOKENIZER_FILE}, so its text cannot "
-                                f"be tokenized; {hint}")
-    return load_hf_tokenizer(root)
+    return load_checkpoint_tokenizer(path)
 
 
 def convert_bert(path: str | os.PathLike, out_dir: str | os.PathLike, *, head: str | None = None,
                  labels: Sequence[str] | None = None, pooling: str | None = None) -> Path:
-    """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best + tokenizer.json),
-    which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`). The tokenizer is
-    checked first, so a directory without one writes nothing."""
+    """Write the HF checkpoint `path` as a new tformer run directory (checkpoints/best +
+    tokenizer.json), which `tformer.runs.open_run` reads and recipes fine-tune from
+    (`model.init_from: out_dir`). The tokenizer is checked first, so a directory without one
+    writes nothing."""
     check_empty_output(Path(out_dir))
     tokenizer = load_bert_tokenizer(path)
     model = load_bert(path, head=head, labels=labels, pooling=pooling)
-    check_vocabulary(tokenizer, model.config, Path(path) / "tokenizer.json")  # before anything is written
-    out = Path(out_dir)
-    record = {**model_record(model.config),
-              "imported_from": str(Path(path).resolve())}
-    checkpoint.save(out / "checkpoints" / "best", model, progress={"step": 0}, config=record)
-    tokenizer.save(out / TOKENIZER_FILE)
-    log.info("converted %s into tformer run directory %s", path, out)
-    return out
+    return write_run(out_dir, model, path, tokenizer)
+
+
+def bert_problems(config: BertConfig) -> list[str]:
+    """What HF BERT cannot express in `config`, one phrase each (empty: it can)."""
+    if config.head == "sequence" and config.pooling != "cls":
+        return [f"pooling={config.pooling!r} (BertForSequenceClassification classifies the pooled [CLS] "
+                "state; a mean-pooling head has no transformers class)"]
+    return []
+
+
+def bert_config_to_hf(config: BertConfig, *, pad_token_id: int = 0) -> dict[str, Any]:
+    """The config.json dict of the transformers class for `config`'s head; ConfigError if none."""
+    problems = bert_problems(config)
+    if problems:
+        raise ConfigError(f"cannot export {'; '.join(problems)} to HF BERT")
+    hf = {"model_type": "bert", "architectures": [HEAD_ARCHITECTURES[config.head]],
+          "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+          "num_attention_heads": config.n_heads, "intermediate_size": config.ffn_dim,
+          "hidden_act": TO_HF_ACTIVATION[config.activation], "hidden_dropout_prob": config.dropout,
+          "attention_probs_dropout_prob": config.attn_dropout, "max_position_embeddings": config.context_length,
+          "type_vocab_size": config.type_vocab_size, "initializer_range": config.init_std,
+          "layer_norm_eps": config.norm_eps, "pad_token_id": pad_token_id, "tie_word_embeddings":
+          config.tie_embeddings, "classifier_dropout": None, **UNSUPPORTED}
+    if config.labels:
+        hf["id2label"] = {str(i): label for i, label in enumerate(config.labels)}
+        hf["label2id"] = {label: i for i, label in enumerate(config.labels)}
+    return hf
+
+
+def save_bert(model: Bert, path: str | os.PathLike, *, pad_token_id: int = 0,
+              documents: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` as a new HF checkpoint folder at `path` for the transformers class of its head
+    (BertModel, BertForMaskedLM, BertForSequenceClassification with id2label/label2id,
+    BertForTokenClassification): config.json + model.safetensors + `documents` (tokenizer.json),
+    whole or not at all. BertModel gets no pooler (tformer's encoder has none)."""
+    if not isinstance(model, Bert):
+        raise TypeError(f"save_bert exports a tformer Bert, got {type(model).__name__}")
+    refuse_edits(model, "HF BERT")
+    config = model.config
+    hf_config = bert_config_to_hf(config, pad_token_id=pad_token_id)
+    state = model.state_dict()
+    hf_config["dtype"] = hf_config["torch_dtype"] = dtype_name(state["tok_emb.weight"])
+    names = {**tensor_names(config), **head_tensor_names(config)}
+    tied = {"head.decoder.weight"} if config.head == "mlm" and config.tie_embeddings else set()
+    uncovered = sorted(set(state) - set(names) - tied)
+    if uncovered:  # a head the config does not describe
+        raise ConfigError(f"cannot export {uncovered[0]}: BERT's {config.head!r} head has no such tensor")
+    full = {ours: [n if n.startswith(("cls.", "classifier.")) else "bert." + n for n in theirs]
+            for ours, theirs in names.items()}
+    write_checkpoint(path, hf_config, split_rows(full, state), documents)
+    log.info("saved BERT checkpoint (%s) to %s", hf_config["architectures"][0], path)
+    return Path(path)

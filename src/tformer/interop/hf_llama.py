@@ -22,9 +22,9 @@ import torch
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import (CONFIG_FILE, dtype_name, gather_tensors, read_safetensors,
-                                         load_checkpoint_tokenizer, refuse_edits, shared_gpt_problems,
-                                         split_rows, write_checkpoint, write_run, check_empty_output)
+from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+                                         load_checkpoint_tokenizer, read_safetensors, refuse_edits,
+                                         shared_gpt_problems, split_rows, write_checkpoint, write_run)
 from tformer.models.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -195,5 +195,5 @@ def convert_llama(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return write_run(out_dir, load_llama(path), path, tokenizer)
 
 
-__all__ = ["gpt_config_to_llama", "hf_config_to_gpt", "llama_problems", "load_llama", "load_llama_config",
-           "save_llama", "convert_llama"]
+__all__ = ["convert_llama", "gpt_config_to_llama", "hf_config_to_gpt", "llama_problems", "load_llama",
+           "load_llama_config", "save_llama"]

@@ -1,5 +1,5 @@
-"""Hugging Face ViT checkpoints (ViTForImageClassification; ViTModel given new labels) ->
-`tformer.models.vit.ViT`.
+"""Hugging Face ViT checkpoints (ViTForImageClassification; ViTModel given new labels) <->
+`tformer.models.vit.ViT` (export: ViTForImageClassification + its image processor's config).
 
 A checkpoint directory holds config.json + model.safetensors (or a sharded index); pickles are
 never loaded. HF's separate query/key/value Linears become our fused `qkv_proj` (rows
@@ -13,22 +13,23 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import CONFIG_FILE, check_empty_output, gather_tensors, read_safetensors
+from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+                                         read_safetensors, refuse_edits, split_rows, write_checkpoint, write_run)
 from tformer.models.vit import ViT, ViTConfig
-from tformer.models.record import model_record
-from tformer.runs import checkpoint
-from tformer.runs.run import HAS_TOKENIZER
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "relu": "relu", "silu": "silu", "swish": "silu"}
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+PREPROCESSOR_FILE = "preprocessor_config.json"
 LAYER_PARTS = {"attn_norm": "layernorm_before", "attn.out_proj": "attention.output.dense",
                "ffn_norm": "layernorm_after", "ffn.up": "intermediate.dense", "ffn.down": "output.dense"}
 POOLER = ("pooler.dense.weight", "pooler.dense.bias")  # ViTModel's tanh pooler; classification skips it
@@ -66,13 +67,14 @@ def hf_config_to_vit(hf: dict, where: str, *, labels: Sequence[str] | None = Non
         raise ConfigError(f"head_dim={hf['head_dim']} in {where} is not supported (only hidden_size / "
                           f"num_attention_heads = {d_model // n_heads})")
     labels = _labels(hf) if labels is None else tuple(labels)
+    dropout = float(hf.get("hidden_dropout_prob", 0.0))
+    attn_dropout = float(hf.get("attention_probs_dropout_prob", 0.0))  # None below: "as dropout"
     return ViTConfig(
         image_size=_pair(hf.get("image_size", 224), "image_size", where),
         patch_size=_pair(hf.get("patch_size", 16), "patch_size", where),
         channels=hf.get("num_channels", 3), n_classes=len(labels), labels=labels, d_model=d_model,
         n_layers=hf.get("num_hidden_layers", 12), n_heads=n_heads, d_ff=hf.get("intermediate_size", 3072),
-        dropout=float(hf.get("hidden_dropout_prob", 0.0)),
-        attn_dropout=float(hf.get("attention_probs_dropout_prob", 0.0)), pooling="cls",
+        dropout=dropout, attn_dropout=None if attn_dropout == dropout else attn_dropout, pooling="cls",
         position="learned", norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         activation=HF_ACTIVATIONS[act], qkv_bias=bool(hf.get("qkv_bias", True)),
         init_std=float(hf.get("initializer_range", 0.02)))
@@ -150,12 +152,62 @@ def load_vit(path: str | os.PathLike, *, labels: Sequence[str] | None = None,
 
 def convert_vit(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 labels: Sequence[str] | None = None) -> Path:
-    """Write the HF checkpoint `path` as a tformer run directory (checkpoints/best, no tokenizer),
+    """Write the HF checkpoint `path` as a new tformer run directory (checkpoints/best, no tokenizer),
     which `tformer.runs.open_run` reads and recipes fine-tune from (`model.init_from: out_dir`)."""
     check_empty_output(Path(out_dir))
-    model = load_vit(path, labels=labels)
-    out = Path(out_dir)
-    record = {**model_record(model.config), "imported_from": str(Path(path).resolve()), HAS_TOKENIZER: False}
-    checkpoint.save(out / "checkpoints" / "best", model, progress={"step": 0}, config=record)
-    log.info("converted %s into tformer run directory %s", path, out)
-    return out
+    return write_run(out_dir, load_vit(path, labels=labels), path)
+
+
+def vit_problems(config: ViTConfig) -> list[str]:
+    """What HF ViTForImageClassification cannot express in `config`, one phrase each."""
+    problems = []
+    if config.pooling != "cls":
+        problems.append(f"pooling={config.pooling!r} (ViTForImageClassification classifies the [CLS] state)")
+    if config.position != "learned":
+        problems.append(f"position={config.position!r} (HF ViT has learned positions)")
+    if config.norm != "layernorm":
+        problems.append(f"norm={config.norm!r} (HF ViT has LayerNorm)")
+    return problems
+
+
+def vit_config_to_hf(config: ViTConfig, labels: Sequence[str]) -> dict[str, Any]:
+    """The config.json dict of HF ViTForImageClassification; ConfigError if it cannot hold `config`."""
+    problems = vit_problems(config)
+    if problems:
+        raise ConfigError(f"cannot export {'; '.join(problems)} to HF ViT")
+    return {"model_type": "vit", "architectures": ["ViTForImageClassification"],
+            "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+            "num_attention_heads": config.n_heads, "intermediate_size": config.ffn_dim,
+            "hidden_act": TO_HF_ACTIVATION[config.activation], "hidden_dropout_prob": config.dropout,
+            "attention_probs_dropout_prob": config.attention_dropout, "initializer_range": config.init_std,
+            "layer_norm_eps": config.norm_eps, "image_size": config.image_size, "patch_size": config.patch_size,
+            "num_channels": config.channels, "qkv_bias": config.qkv_bias,
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def image_processor_config(config: ViTConfig) -> dict[str, Any]:
+    """preprocessor_config.json of a ViTImageProcessor feeding the model what `models.vit.normalise`
+    does: pixels / 255, then (x - 0.5) / 0.5 per channel, at the model's image size."""
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+            "size": {"height": config.image_size, "width": config.image_size}, "resample": 2,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5] * config.channels, "image_std": [0.5] * config.channels}
+
+
+def save_vit(model: ViT, path: str | os.PathLike) -> Path:
+    """Write `model` as a new HF ViTForImageClassification checkpoint folder at `path`
+    (config.json with id2label/label2id, model.safetensors, preprocessor_config.json), whole or
+    not at all."""
+    if not isinstance(model, ViT):
+        raise TypeError(f"save_vit exports a tformer ViT, got {type(model).__name__}")
+    refuse_edits(model, "HF ViT")
+    hf_config = vit_config_to_hf(model.config, model.labels)
+    state = model.state_dict()
+    hf_config["dtype"] = hf_config["torch_dtype"] = dtype_name(state["pos_emb"])
+    full = {ours: [n if n.startswith("classifier.") else "vit." + n for n in theirs]
+            for ours, theirs in tensor_names(model.config).items()}
+    write_checkpoint(path, hf_config, split_rows(full, state),
+                     {PREPROCESSOR_FILE: image_processor_config(model.config)})
+    log.info("saved ViT checkpoint to %s", path)
+    return Path(path)
