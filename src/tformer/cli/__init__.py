@@ -9,7 +9,8 @@
     prune_command    prune (attention heads and MLP neurons, physically removed)
     quantize_command quantize (int8 linears for CPU inference)
     adapter_command  adapter (a LoRA run's adapters: merge, save alone, peft format)
-    tool_commands  import, tokenizer train, data list / fetch, demo
+    export_command   export (Hugging Face checkpoint or ONNX graphs)
+    tool_commands  import (gpt2, bert, vit, llama), tokenizer train, data list / fetch, demo
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, who
 from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
 from tformer.cli.explain_command import add_explain_command
+from tformer.cli.export_command import add_export_command
 from tformer.cli.federate_command import add_federate_command
 from tformer.cli.ood_command import add_ood_command
 from tformer.cli.prune_command import add_prune_command
@@ -40,7 +42,8 @@ from tformer.cli.tool_commands import (
     cmd_data_fetch,
     cmd_data_list,
     cmd_demo,
-    cmd_import_bert,
+    IMPORT_FAMILIES,
+    cmd_import,
     cmd_tokenizer_train,
 )
 
@@ -173,17 +176,19 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     add_prune_command(sub)
     add_quantize_command(sub)
     add_adapter_command(sub)
+    add_export_command(sub)
     add_federate_command(sub)
 
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     """import, tokenizer, data."""
     imp = sub.add_parser("import", help="convert a Hugging Face checkpoint into a tformer run directory")
-    p = imp.add_subparsers(dest="family", required=True).add_parser(
-        "bert", help="a BERT-architecture checkpoint (config.json + model.safetensors + tokenizer.json)")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir", help="a new or empty folder")
-    p.set_defaults(func=cmd_import_bert)
+    families = imp.add_subparsers(dest="family", required=True)
+    for family, what in IMPORT_FAMILIES.items():
+        p = families.add_parser(family, help=what)
+        p.add_argument("hf_dir")
+        p.add_argument("out_dir", help="a new or empty folder")
+        p.set_defaults(func=cmd_import)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a tokenizer on text files")
