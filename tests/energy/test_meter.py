@@ -70,7 +70,8 @@ def test_the_meter_labels_rapl_measured_and_its_absence_estimated(powercap, tmp_
     reading = measured.reading()
     assert (reading.method, reading.source) == ("measured", "rapl")
     assert reading.joules == pytest.approx(0.6)
-    assert reading.fields(tokens=6)["tokens_per_j"] == pytest.approx(10)
+    assert reading.doing(tokens=6).fields()["tokens_per_j"] == pytest.approx(10)
+    assert reading.doing(0.2, tokens=6).per_joule() == {"tokens_per_j": pytest.approx(30)}
     assert reading.co2_g == pytest.approx(0.6 / 3.6e6 * carbon.intensity("FR").g_per_kwh)
     estimated = EnergyMeter.open(powercap=tmp_path / "absent")
     row = estimated.reading().fields()
@@ -159,6 +160,6 @@ def test_carbon_codes_world_default_and_unknown_country(monkeypatch):
 
 def test_summary_line_names_method_source_and_country(tmp_path):
     reading = EnergyMeter.open(powercap=tmp_path, country="SE").reading(7200.0)
-    line = reading.summary(tokens=14400)
+    line = reading.doing(tokens=14400).summary()
     assert line.startswith("energy 7.2 kJ (0.002 kWh, estimated: cpu-time@")
     assert "(SE, 2023)" in line and "2 tokens/J" in line

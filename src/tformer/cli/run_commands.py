@@ -1,5 +1,8 @@
 """The commands that train a run or use one: train, generate, translate, predict, evaluate. Each
-parses nothing and prints: it calls the API and shows the result."""
+parses nothing and prints: it calls the API and shows the result. Each says the energy it used
+(tformer.energy; the country's carbon intensity from $TFORMER_COUNTRY, else the world average):
+train and evaluate in their report, the others in one line on standard error, so that standard
+output holds only the answers."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 from tformer.cli.arguments import check_new_file, recipe_path
 
 if TYPE_CHECKING:  # the CLI imports lazily: `tformer --help` stays fast
+    from tformer.energy import EnergyMeter
     from tformer.inference.generate import Sampling
     from tformer.inference.pipeline import Pipeline
 
@@ -25,13 +29,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path(args.recipe), args.set or [])
     result = train_recipe(recipe, fresh=args.fresh)
     state = "interrupted" if result.interrupted else "stopped early" if result.stopped_early else "done"
+    energy = "" if result.energy is None else f"; {result.energy.summary()}"
     print(f"{state} at step {result.step}; best validation loss "
-          f"{fmt(result.best_val_loss)}; run directory: {recipe.run_dir}")
+          f"{fmt(result.best_val_loss)}; run directory: {recipe.run_dir}{energy}")
     return INTERRUPTED if result.interrupted else 0
 
 
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def open_meter(p: Pipeline | None = None) -> EnergyMeter:
+    """A meter for what follows, on the pipeline's GPU when its model is on one."""
+    from tformer.energy import EnergyMeter
+
+    device = next(p.model.parameters()).device if p is not None else None  # type: ignore[attr-defined]
+    gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
+    return EnergyMeter.open(gpu_index=gpu)
+
+
+def report_energy(meter: EnergyMeter, **work: float) -> None:
+    """One line on standard error: the energy since `meter` opened and the work per joule."""
+    print(meter.reading().doing(**work).summary(), file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -48,11 +67,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise p.refuse("generate")
     prompt = "\n" if args.prompt is None else args.prompt
     sampling = text_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    meter = open_meter(p)
     sys.stdout.write(prompt)
     for piece in p.stream(prompt, args.max_new_tokens, sampling, seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    report_energy(meter, tokens=p.tokens_generated)
 
 
 def image_sampling(args: argparse.Namespace, p: Pipeline) -> tuple[Sampling, float]:
@@ -71,9 +93,11 @@ def generate_image_grid(args: argparse.Namespace, p: Pipeline) -> None:
     conditions = list(args.conditions or []) + ([args.prompt] if args.prompt is not None else [])
     conditions = conditions or p.default_conditions()
     sampling, guidance = image_sampling(args, p)
+    meter = open_meter(p)
     images = p.draw(conditions, args.n, guidance=guidance, sampling=sampling, seed=args.seed)
     out = save_image_grid(images, [str(c) for c in conditions], args.out or Path(args.run_dir) / "generated.png")
     print(f"{len(images)} images ({args.n} per condition, guidance {guidance:g}) written to {out}")
+    report_energy(meter, images=len(images))
 
 
 def read_text_file(name: str, option: str, hint: str = "") -> str:
@@ -123,12 +147,15 @@ def cmd_translate(args: argparse.Namespace) -> None:
     else:
         lines = args.text or split_lines(sys.stdin.read())
     p = pipeline(args.run_dir, args.checkpoint, precision=args.precision)
+    meter = open_meter(p)
     text = "".join(f"{line}\n" for line in translate_aligned(p, lines, args.beam))
     if args.output is None:
         sys.stdout.write(text)
     else:
         write_text_atomic(Path(args.output).expanduser(), text)
         print(f"{len(lines)} lines translated to {args.output}", file=sys.stderr)
+    sys.stdout.flush()
+    report_energy(meter, lines=len(lines))
 
 
 def read_inputs(args: argparse.Namespace) -> list[str]:
@@ -156,6 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise p.refuse("predict")
     inputs = read_inputs(args)
     verb = p.verbs[0]
+    meter = open_meter(p)
     if verb == "draw":
         sampling, guidance = image_sampling(args, p)
         images = p.draw(inputs, args.n, guidance=guidance, sampling=sampling, seed=args.seed)
@@ -173,6 +201,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         rows = [prediction.to_dict() for prediction in p.classify(inputs)]
     for row in rows:
         print(json.dumps(row, ensure_ascii=False) if args.json else plain(row))
+    sys.stdout.flush()
+    report_energy(meter, inputs=len(inputs))
 
 
 def plain(row: dict) -> str:
@@ -192,7 +222,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                          "evaluation uses its recipe's settings")
     from tformer.training.recipe import evaluate_run
 
-    show(evaluate_run(args.run_dir, args.checkpoint))
+    meter = open_meter()
+    result = evaluate_run(args.run_dir, args.checkpoint)
+    show({**result, "energy": meter.reading().summary()})
 
 
 def evaluate_text(args: argparse.Namespace) -> None:
@@ -202,6 +234,7 @@ def evaluate_text(args: argparse.Namespace) -> None:
 
     text = read_text(args.text)
     run = open_run(args.run_dir, args.checkpoint)
+    meter = open_meter()
     score = score_run(run, text, stride=args.stride)
     step = checkpoint.load_progress(run.checkpoint).get("step")
     show({"text": args.text, "checkpoint": run.checkpoint.name, "step": step, "tokens": score.tokens,
@@ -209,7 +242,7 @@ def evaluate_text(args: argparse.Namespace) -> None:
           "bits_per_character": score.bits_per_character, "perplexity": score.perplexity,
           "unknown_characters": f"{score.unknown_characters} ({score.note})",
           "note": "loss is in nats per token; the text's first token is context only, the others are "
-                  "scored once each"})
+                  "scored once each", "energy": meter.reading().doing(tokens=score.tokens).summary()})
 
 
 def show(result: dict) -> None:

@@ -7,7 +7,7 @@ few file reads or one NVML call per interval, nothing per step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,12 +27,14 @@ JOULES_PER_KWH = 3.6e6
 
 @dataclass(frozen=True)
 class EnergyReading:
-    """Energy so far, how it was obtained, and its carbon."""
+    """Energy so far, how it was obtained, its carbon, and optionally the work it did."""
 
     joules: float
     method: str  # "measured" when every part comes from a counter, else "estimated"
     source: str  # e.g. "rapl", "nvml+rapl", "nvml+cpu-time@6.25W/core", "cpu-time@6.25W/core"
     carbon: CarbonIntensity
+    work: tuple[tuple[str, float], ...] = ()  # (what, amount): ("tokens", 5e4), ("examples", 512)
+    work_joules: float | None = None  # the energy that work took (None: all of `joules`)
 
     @property
     def kwh(self) -> float:
@@ -42,21 +44,26 @@ class EnergyReading:
     def co2_g(self) -> float:
         return carbon_table.grams_co2e(self.joules, self.carbon)
 
-    def fields(self, **work: float) -> dict[str, float | str | None]:
-        """Record fields: energy_j, energy_kwh, co2_g, the labels, and `<name>_per_j` for each
-        amount of work given (tokens=..., examples=...), None before any energy was counted."""
-        row: dict[str, float | str | None] = {
-            "energy_j": self.joules, "energy_kwh": self.kwh, "co2_g": self.co2_g,
-            "energy_method": self.method, "energy_source": self.source,
-            "co2_country": self.carbon.label, "co2_g_per_kwh": self.carbon.g_per_kwh}
-        for name, amount in work.items():
-            row[f"{name}_per_j"] = amount / self.joules if self.joules > 0 else None
-        return row
+    def doing(self, work_joules: float | None = None, **work: float) -> EnergyReading:
+        """This reading with work done (tokens=..., examples=...) in `work_joules` of it (default:
+        all of it), for `<what>_per_j`: a resumed run's last session, a log interval."""
+        return replace(self, work=tuple(work.items()), work_joules=work_joules)
 
-    def summary(self, **work: float) -> str:
-        """One line for a person: energy, kWh, the method, CO2e and work per joule."""
-        per = "".join(f", {amount / self.joules:,.4g} {name}/J" for name, amount in work.items()
-                      if self.joules > 0)
+    def per_joule(self) -> dict[str, float | None]:
+        """`<what>_per_j` for each kind of work; None while no energy was counted."""
+        joules = self.joules if self.work_joules is None else self.work_joules
+        return {f"{what}_per_j": amount / joules if joules > 0 else None for what, amount in self.work}
+
+    def fields(self) -> dict[str, float | str | None]:
+        """Record fields: energy_j, energy_kwh, co2_g (all cumulative), the labels, work per joule."""
+        return {"energy_j": self.joules, "energy_kwh": self.kwh, "co2_g": self.co2_g,
+                "energy_method": self.method, "energy_source": self.source,
+                "co2_country": self.carbon.label, "co2_g_per_kwh": self.carbon.g_per_kwh, **self.per_joule()}
+
+    def summary(self) -> str:
+        """One line for a person: energy, kWh, the method and source, CO2e, work per joule."""
+        per = "".join(f", {value:,.4g} {name.removesuffix('_per_j')}/J"
+                      for name, value in self.per_joule().items() if value is not None)
         return (f"energy {format_joules(self.joules)} ({self.kwh:.3g} kWh, {self.method}: {self.source}), "
                 f"{self.co2_g:.3g} g CO2e at {self.carbon.g_per_kwh:g} g/kWh ({self.carbon.label}, "
                 f"{self.carbon.year}){per}")

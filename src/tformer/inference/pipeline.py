@@ -66,6 +66,7 @@ class Pipeline:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.run, self.model, self.tokenizer = run, run.model, run.tokenizer
         self.batch_size = batch_size
+        self.tokens_generated = 0  # by stream / generate since the pipeline opened (energy per token)
         if precision == "bf16":  # half the weight bytes; packed bf16 linears decode faster (nn.packed)
             self.model.to(torch.bfloat16)  # type: ignore[attr-defined]
 
@@ -173,7 +174,12 @@ class Pipeline:
         else:
             steps = stream(self.model, [ids], max_new_tokens, sampling, seed=seed, sliding=True)  # type: ignore[arg-type]
             tokens = (int(token[0]) for token in steps)
-        yield from decode_stream(self.tokenizer, tokens)
+        yield from decode_stream(self.tokenizer, self._counted(tokens))
+
+    def _counted(self, tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
+            self.tokens_generated += 1
+            yield token
 
     def generate(self, prompt: str, max_new_tokens: int = 200, sampling: Sampling | None = None, *,
                  seed: int | None = None) -> str:

@@ -1,5 +1,6 @@
 """What a run shows a person: a progress line (loss, lr, tokens/s, ETA), `metrics.jsonl`, a
-loss-curve PNG and `samples.txt`, all in the run directory. Only the main rank reports."""
+loss-curve PNG, an energy PNG and `samples.txt`, all in the run directory. Only the main rank
+reports."""
 
 from __future__ import annotations
 
@@ -82,6 +83,40 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     write_figure_atomic(fig, png_path)
 
 
+def plot_energy(metrics_path: Path, png_path: Path) -> bool:
+    """Cumulative energy (kWh) and CO2e (g) against step, from metrics.jsonl; False (nothing
+    drawn) when no row carries energy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for _, row in read_metrics(metrics_path) if "energy_kwh" in row]
+    if not rows:
+        return False
+    steps = [row["step"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, [row["energy_kwh"] for row in rows], color="tab:orange", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("energy (kWh)")
+    co2 = ax.secondary_yaxis("right", functions=(lambda kwh: kwh * rows[-1]["co2_g_per_kwh"],
+                                                  lambda g: g / rows[-1]["co2_g_per_kwh"]))
+    co2.set_ylabel(f"CO2e (g, {rows[-1]['co2_country']})")
+    ax.set_title(f"energy, {rows[-1]['energy_method']} ({rows[-1]['energy_source']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_figure_atomic(fig, png_path)
+    return True
+
+
+def last_value(metrics_path: Path, key: str) -> Any:
+    """The value of `key` in the last row of metrics.jsonl that has it; None if none does."""
+    if not metrics_path.is_file():
+        return None
+    found = [row[key] for _, row in read_metrics(metrics_path) if key in row]
+    return found[-1] if found else None
+
+
 class Reporter:
     """Writes metrics and plots into `run_dir`; draws a one-line progress display on `stream`."""
 
@@ -145,8 +180,13 @@ class Reporter:
             return
         try:
             plot_losses(self.metrics_path, self.run_dir / "loss.png")
+            plot_energy(self.metrics_path, self.run_dir / "energy.png")
         except ImportError:
             log.warning("matplotlib is not installed: no loss.png (pip install matplotlib)")
+
+    def last(self, key: str) -> Any:
+        """The latest logged value of `key` (e.g. a resumed run's energy so far); None if none."""
+        return last_value(self.metrics_path, key) if self.enabled else None
 
     def samples(self, step: int, texts: list[str]) -> None:
         if not self.enabled or not texts:

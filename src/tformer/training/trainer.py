@@ -2,7 +2,7 @@
 
 AdamW with decay groups, warmup + cosine schedule, gradient accumulation, clipping, mixed
 precision, periodic evaluation, best/last checkpoints, early stopping, a guard against
-non-finite losses, exact resume, and DDP under torchrun.
+non-finite losses, exact resume, and DDP or FSDP2 under torchrun.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from tformer import cpu
 from tformer.config import ConfigError
+from tformer.energy import EnergyMeter, EnergyReading
 from tformer.runs import checkpoint
 from tformer.training import distributed, memory_plan, rundir
 from tformer.training import state as run_state
@@ -40,6 +41,7 @@ class TrainResult:
     last_val_loss: float | None
     stopped_early: bool = False
     interrupted: bool = False
+    energy: EnergyReading | None = None  # the run's total (all sessions), work per J of this session
 
 
 class TrainingError(RuntimeError):
@@ -70,26 +72,30 @@ class Trainer:
     """`Trainer(model, task, config, run_dir).fit()` trains, evaluates and checkpoints into run_dir."""
 
     plan_memory = True  # measure and write memory_plan.json before the first step (memory_plan)
+    meter: EnergyMeter | None = None  # opened when fit starts; read at log intervals and evaluations
+    country: str | None = None  # carbon intensity of this country (None: $TFORMER_COUNTRY, else world)
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *,
                  run_config: dict[str, Any] | None = None, world: distributed.World | None = None,
                  reporter: Reporter | None = None) -> None:
         self.config, self.task = config, task
         self.world = world or distributed.World(device=distributed.pick_device(config.device))
+        distributed.check_strategy(config.strategy, self.world.device, self.world.size)
         if config.batch_size % (config.grad_accum * self.world.size):
             raise ConfigError(f"batch_size ({config.batch_size}) must be divisible by grad_accum x "
                               f"processes ({config.grad_accum} x {self.world.size})")
         self.run_dir = Path(run_dir).expanduser()
         self.run_config = run_config or {}
         self.model = model.to(self.world.device)
-        if config.activation_checkpointing:  # before DDP and compile wrap the blocks
+        if config.activation_checkpointing:  # before DDP / FSDP2 and compile wrap the blocks
             apply_activation_checkpointing(self.model, config.activation_checkpointing)
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
-                                         (config.beta1, config.beta2))
         self.amp_dtype = autocast_dtype(config.precision, self.world.device, self.model)
         self.scaler = torch.amp.GradScaler(self.world.device.type,
                                            enabled=self.amp_dtype == torch.float16)
-        self.train_model = distributed.wrap(self.model, self.world)
+        # fsdp2 shards self.model in place; the optimizer then holds this process's shards
+        self.train_model = distributed.wrap(self.model, self.world, config.strategy, self.amp_dtype)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay,
+                                         (config.beta1, config.beta2))
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.reporter = reporter or Reporter(self.run_dir, config.max_steps, enabled=self.world.is_main)
@@ -115,15 +121,34 @@ class Trainer:
                 "stopped_early": self.stopped_early}
 
     def save(self, path: Path, with_train_state: bool = True) -> None:
-        """Write a checkpoint (rank 0 writes; every rank contributes its RNG stream)."""
+        """Write a checkpoint (rank 0 writes; every rank contributes its RNG stream; FSDP2: the
+        weights and optimizer state are gathered whole to rank 0, the same files as one process)."""
+        gathered = distributed.reshard(self.model)  # state dicts are read from the shards
+        sharded = distributed.is_sharded(self.model)
+        weights = distributed.full_model_state(self.model) if sharded else self.model
+        optimizer = run_state.optimizer_state(self.model, self.optimizer) if with_train_state else None
         rng = run_state.gather_rng_states(self.world) if with_train_state else []
         tasks = run_state.gather_task_states(self.task, self.world) if with_train_state else None
         if self.world.is_main:
-            state = run_state.train_state(self.optimizer, self.scaler, rng, tasks) if with_train_state else None
+            state = run_state.train_state(optimizer, self.scaler, rng, tasks) if with_train_state else None
             run_config = {**self.run_config, "training": asdict(self.config)}
-            checkpoint.save(path, self.model, progress=self._progress(), config=run_config,
+            checkpoint.save(path, weights, progress=self._progress(), config=run_config,
                             train_state=state)
+        del weights, optimizer
+        if gathered:  # e.g. saved between evaluation and rank 0's samples
+            distributed.gather(self.model)
         distributed.barrier(self.world)
+
+    def _load(self, path: Path, with_train_state: bool = True) -> checkpoint.Checkpoint:
+        """Load a checkpoint's weights (FSDP2: rank 0 reads them, every rank gets its shards) and
+        return the rest."""
+        distributed.reshard(self.model)
+        if not distributed.is_sharded(self.model):
+            return checkpoint.load(path, self.model, with_train_state=with_train_state, device=self.world.device)
+        ckpt = checkpoint.load(path, None, with_train_state=with_train_state, device="cpu")
+        weights = checkpoint.read_weights(path, self.model) if self.world.is_main else None
+        distributed.load_full_model_state(self.model, weights)
+        return ckpt
 
     def resume(self) -> bool:
         """Load `checkpoints/last` if present: weights, optimizer, RNG streams and progress."""
@@ -132,9 +157,9 @@ class Trainer:
         distributed.barrier(self.world)
         if not (self.last_path / checkpoint.MANIFEST).is_file():
             return False
-        ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
+        ckpt = self._load(self.last_path)
         if ckpt.train_state is not None:
-            run_state.restore(ckpt.train_state, self.optimizer, self.scaler, self.world)
+            run_state.restore(ckpt.train_state, self.model, self.optimizer, self.scaler, self.world)
             run_state.restore_task(ckpt.train_state, self.task, self.world)
         p = ckpt.progress
         self.step, self.best_val_loss = p["step"], p["best_val_loss"]
@@ -149,8 +174,8 @@ class Trainer:
             raise TrainingError(f"the loss or gradients were not finite for {bad_steps} steps in a "
                                 "row and there is no checkpoint to go back to; lower training.lr, "
                                 "set training.grad_clip, or check the data")
-        ckpt = checkpoint.load(self.last_path, self.model, device=self.world.device)
-        self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+        ckpt = self._load(self.last_path)
+        run_state.restore_optimizer(ckpt.train_state, self.model, self.optimizer, self.world)
         log.warning("loss was not finite for %d steps in a row: restored the weights and optimizer "
                     "of %s (step %d) and continue with fresh data from step %d", bad_steps,
                     self.last_path, ckpt.progress["step"], self.step)
@@ -172,6 +197,7 @@ class Trainer:
                            max_steps=cfg.max_steps, schedule=cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        distributed.reshard(self.model)  # FSDP2 after evaluation: back to shards
         total = torch.zeros((), device=world.device)
         tokens, examples = 0, 0
         for micro in range(cfg.grad_accum):
@@ -179,7 +205,7 @@ class Trainer:
             batch = self._to_device(self.task.train_batch(self.step, shard, cfg.grad_accum * world.size))
             tokens, examples = tokens + batch.n_tokens, examples + batch.n_examples
             last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not world.distributed else self.train_model.no_sync()
+            sync = contextlib.nullcontext() if last else distributed.no_sync(self.train_model, world)
             with sync:
                 with self._autocast():
                     loss = self.task.loss(self.train_model, batch) / cfg.grad_accum
@@ -187,7 +213,7 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = distributed.clip_grad_norm(self.model.parameters(), max_norm)
         stop = torch.tensor(float(self._stop_requested), device=world.device)
         counts = torch.tensor([tokens, examples], dtype=torch.float32, device=world.device)
         health = distributed.mean_across(torch.cat([torch.stack([total, grad_norm.float(), stop]), counts]), world)
@@ -207,6 +233,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the task's evaluation batches (all processes)."""
+        distributed.gather(self.model)  # FSDP2: whole parameters, no collectives in the forwards below
         self.model.eval()
         losses = []
         for batch in self._eval_batches:
@@ -228,8 +255,10 @@ class Trainer:
 
     def _fit(self, resume: bool) -> TrainResult:
         torch.manual_seed(self.config.seed + self.world.rank)
+        self._open_meter()
         if not (resume and self.resume()):
             self.reporter.truncate_after(0)  # a new run: no rows of an earlier attempt
+        self.energy_before = self.energy_logged = self.reporter.last("energy_j") or 0.0  # earlier sessions
         if self.stopped_early:
             log.warning("this run already stopped early at step %d; train with --fresh or another "
                         "run_dir to start again", self.step)
@@ -261,7 +290,37 @@ class Trainer:
 
     def _result(self, interrupted: bool = False) -> TrainResult:
         return TrainResult(self.step, self.best_val_loss, self.last_val_loss, self.stopped_early,
-                           interrupted)
+                           interrupted, self._session_energy())
+
+    # -- energy -----------------------------------------------------------------------------
+    def _open_meter(self) -> None:
+        device = self.world.device
+        gpu = (device.index or 0) if device.type == "cuda" else None
+        self.meter = EnergyMeter.open(gpu_index=gpu, country=self.country, local_rank=self.world.local_rank)
+        self.energy_before, self.energy_logged, self.session_work = 0.0, 0.0, (0.0, 0.0)  # tokens, examples
+
+    def _energy(self) -> EnergyReading:
+        """The run's energy so far: every process's (a collective under torchrun: call it on every
+        rank) plus a resumed run's earlier sessions (rank 0 holds those, from metrics.jsonl)."""
+        mine = torch.tensor(self.meter.joules(), dtype=torch.float64, device=self.world.device)
+        total = float(distributed.mean_across(mine, self.world)) * self.world.size
+        return self.meter.reading(self.energy_before + total)
+
+    def _energy_fields(self) -> dict[str, Any]:
+        """A log row's energy: cumulative J, kWh, CO2e, and the interval's tokens and examples per J."""
+        reading = self._energy()
+        window = reading.doing(reading.joules - self.energy_logged, tokens=self.seen[0], examples=self.seen[1])
+        self.energy_logged = reading.joules
+        self.session_work = (self.session_work[0] + self.seen[0], self.session_work[1] + self.seen[1])
+        return window.fields()
+
+    def _session_energy(self) -> EnergyReading | None:
+        """The total so far, with the tokens and examples per J of this session's training."""
+        if self.meter is None:
+            return None
+        reading = self._energy()
+        tokens, examples = self.session_work
+        return reading.doing(reading.joules - self.energy_before, tokens=tokens, examples=examples)
 
     @contextlib.contextmanager
     def _graceful_interrupt(self) -> Iterator[None]:
@@ -303,7 +362,7 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 threads = torch.get_num_threads() if self.world.device.type == "cpu" else None
                 self.reporter.log({"step": self.step, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                                   "examples_per_s": examples_per_s, "threads": threads})
+                                   "examples_per_s": examples_per_s, "threads": threads, **self._energy_fields()})
                 self.reporter.progress(self.step, loss, lr, tokens_per_s, threads)
                 if self.threads is not None:
                     self.threads.update()
@@ -330,7 +389,8 @@ class Trainer:
             self.save(self.best_path, with_train_state=False)
         else:
             self.evals_without_gain += 1
-        self.reporter.log({"step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss})
+        self.reporter.log({"step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val_loss,
+                           **self._energy().fields()})
         if self.world.is_main:
             self.reporter.samples(self.step, self.task.samples(self.model))
             self.reporter.plot()

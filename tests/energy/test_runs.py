@@ -1,0 +1,103 @@
+"""Energy in every run type: a short training run's metrics.jsonl rows (per log interval and per
+evaluation, cumulative across a resume), its summary line and energy.png; evaluate, generate and
+predict say their energy (generate and predict on standard error, standard output unchanged)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tformer.cli import main
+from tformer.training.recipe import recipe_from_dict, train_recipe
+
+WORDS = ["the", "king", "queen", "good", "bad", "love", "war", "lord", "my", "speaks", "of", "and"]
+ENERGY = {"energy_j", "energy_kwh", "co2_g", "energy_method", "energy_source", "co2_country"}
+
+
+def recipe(root: Path, max_steps: int) -> dict:
+    return {"task": "causal_lm", "run_dir": str(root / "gpt"), "tokenizer": {"kind": "char"},
+            "training": {"max_steps": max_steps, "batch_size": 4, "eval_every": 2, "eval_batches": 1,
+                         "log_every": 1, "warmup_steps": 1, "device": "cpu"},
+            "model": {"preset": "gpt-nano", "n_layers": 1, "d_model": 16, "n_heads": 2, "context_length": 16},
+            "data": {"source": str(root / "corpus.txt"), "cache_dir": str(root / "cache")},
+            "sample": {"tokens": 4, "prompt": "the"}}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """Two steps, then a resume to four: the rows of both sessions."""
+    root, rng = tmp_path_factory.mktemp("energy"), random.Random(0)
+    lines = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(200))
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    first = train_recipe(recipe_from_dict(recipe(root, 2)))
+    rows_before = [json.loads(line) for line in (root / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    (root / "resume.yaml").write_text(yaml.safe_dump(recipe(root, 4)), encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()) as out:  # the second session as users run it
+        assert main(["train", str(root / "resume.yaml")]) in (0, None)
+    rows = [json.loads(line) for line in (root / "gpt" / "metrics.jsonl").read_text().splitlines()]
+    return {"root": root, "dir": root / "gpt", "first": first, "train_output": out.getvalue(),
+            "rows_before": rows_before, "rows": rows}
+
+
+def test_every_log_and_evaluation_row_carries_labelled_cumulative_energy(run, monkeypatch):
+    rows = run["rows"]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    for row in rows:
+        assert ENERGY <= set(row), row
+        assert row["energy_method"] == "estimated" and row["energy_source"].startswith("cpu-time@")  # no RAPL here
+        assert row["co2_country"] == "WORLD (no country given)"
+        assert row["energy_kwh"] == pytest.approx(row["energy_j"] / 3.6e6)
+        assert row["co2_g"] == pytest.approx(row["energy_kwh"] * row["co2_g_per_kwh"])
+    logs = [r for r in rows if "train_loss" in r]
+    assert all(r["tokens_per_j"] > 0 and r["examples_per_j"] > 0 for r in logs)
+    energies = [r["energy_j"] for r in rows]
+    assert energies == sorted(energies) and energies[0] > 0  # cumulative
+
+
+def test_a_resumed_run_continues_the_energy_total(run):
+    before = run["rows_before"][-1]["energy_j"]
+    resumed = [r for r in run["rows"] if r["step"] > 2]
+    assert resumed[0]["energy_j"] > before  # counted on from the first session's total
+
+
+def test_the_summary_line_totals_and_the_energy_png(run):
+    energy = run["first"].energy
+    assert energy.method == "estimated" and energy.joules >= run["rows_before"][-1]["energy_j"]
+    assert set(energy.per_joule()) == {"tokens_per_j", "examples_per_j"}
+    line = run["train_output"].strip()
+    assert line.startswith("done at step 4;") and line.count("\n") == 0
+    assert "; energy " in line and "kWh, estimated: cpu-time@" in line and "tokens/J" in line
+    assert "g CO2e at 483.18 g/kWh (WORLD (no country given), 2023)" in line
+    assert (run["dir"] / "energy.png").stat().st_size > 0
+
+
+def test_evaluate_prints_its_energy(run, capsys):
+    main(["evaluate", str(run["dir"])])
+    out = capsys.readouterr().out
+    assert "val_loss" in out or "loss" in out
+    assert "energy: energy " in out and "estimated: cpu-time@" in out and "g CO2e" in out
+
+
+def test_generate_and_predict_report_energy_on_stderr_only(run, capsys, monkeypatch):
+    monkeypatch.setenv("TFORMER_COUNTRY", "FR")
+    main(["generate", str(run["dir"]), "--prompt", "the", "--max-new-tokens", "5", "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert "energy" not in out and out.startswith("the")
+    assert err.count("\n") == 1 and "estimated: cpu-time@" in err and "tokens/J" in err and "(FR, 2023)" in err
+    main(["predict", str(run["dir"]), "the king", "--max-new-tokens", "3", "--json", "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["input"] == "the king" and "inputs/J" in err
+
+
+def test_an_unknown_country_is_one_line(run, capsys, monkeypatch):
+    monkeypatch.setenv("TFORMER_COUNTRY", "Atlantis")
+    assert main(["evaluate", str(run["dir"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown country code 'Atlantis'") and err.count("\n") == 1
