@@ -93,4 +93,4 @@ def test_proximal_term_by_hand():
     plain = SquaredOutput().loss(model, batch).detach()
     assert float((task.loss(model, batch) - plain).detach()) == pytest.approx(0.5 / 2 * 0.25)
     model.eval()
-    assert float(task.loss(model, batch)) == pytest.approx(float(plain))  # evaluation: the task's own loss
+    assert float(task.loss(model, batch).detach()) == pytest.approx(float(plain))  # evaluation: the task's own loss
