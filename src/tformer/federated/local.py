@@ -53,9 +53,11 @@ class ProximalTask:
 
 
 def federated_training(training: TrainConfig, spec: FederationSpec) -> TrainConfig:
-    """The recipe's training settings over the federation's length (warm-up capped to it)."""
+    """The recipe's training settings over a client's steps in the whole federation (rounds x
+    local steps); the warm-up keeps its share of the schedule."""
     steps = spec.rounds * spec.steps_per_round
-    return dataclasses.replace(training, max_steps=steps, warmup_steps=min(training.warmup_steps or 0, steps))
+    warmup = round((training.warmup_steps or 0) * steps / training.max_steps)
+    return dataclasses.replace(training, max_steps=steps, warmup_steps=min(warmup, steps))
 
 
 @dataclass
