@@ -59,7 +59,8 @@ def make_strategy(spec: FederationSpec, on_replies: Callable[[list[RecordDict]],
     evaluates centrally, so no client-side evaluation round."""
     def aggregate(replies: list[RecordDict], key: str) -> MetricRecord:
         on_replies(replies)  # per-client rows before Flower's weighted mean of the metrics
-        return aggregate_metricrecords(replies, key)
+        merged = aggregate_metricrecords(replies, key)
+        return MetricRecord({k: v for k, v in merged.items() if k not in ("round", "partition")})  # no means of ids
 
     common = dict(fraction_train=spec.fraction, fraction_evaluate=0.0, min_train_nodes=spec.sampled,
                   min_evaluate_nodes=0, min_available_nodes=spec.clients, weighted_by_key=WEIGHT_KEY,
