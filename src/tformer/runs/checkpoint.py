@@ -17,12 +17,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
 
 from tformer.files import atomic_directory, recover_directory, sha256_file
 
@@ -57,9 +58,26 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def _write_files(tmp: Path, model: nn.Module, progress: dict[str, Any], config: dict[str, Any],
-                 train_state: dict[str, Any] | None) -> None:
-    save_model(model, str(tmp / WEIGHTS))  # shared (tied) tensors are stored once
+def _save_weights(file: Path, weights: nn.Module | Mapping[str, Tensor]) -> None:
+    """A model, or a whole state dict gathered from shards (FSDP2): shared (tied) tensors are
+    stored once under their first name in sorted order, as `save_model` does for a model."""
+    if isinstance(weights, nn.Module):
+        save_model(weights, str(file))
+        return
+    names: dict[int, list[str]] = {}
+    for name, tensor in weights.items():
+        names.setdefault(id(tensor), []).append(name)
+    kept, metadata = {}, {}
+    for group in names.values():
+        keep, *dropped = sorted(group)
+        kept[keep] = weights[keep].contiguous()
+        metadata.update({name: keep for name in dropped})
+    save_file(kept, str(file), metadata=metadata or None)
+
+
+def _write_files(tmp: Path, model: nn.Module | Mapping[str, Tensor], progress: dict[str, Any],
+                 config: dict[str, Any], train_state: dict[str, Any] | None) -> None:
+    _save_weights(tmp / WEIGHTS, model)
     if train_state is not None:
         torch.save(train_state, tmp / STATE)
     _write_json(tmp / PROGRESS, progress)
@@ -84,10 +102,11 @@ def _write_failure(path: Path, e: BaseException) -> str:
             "any, is kept as it was; free some space (or choose another run_dir) and try again")
 
 
-def save(path: str | Path, model: nn.Module, *, progress: dict[str, Any], config: dict[str, Any],
-         train_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder at `path` atomically (replacing an older one). A failure (a full
-    disk above all) is one OSError / CheckpointError line and leaves the older folder untouched."""
+def save(path: str | Path, model: nn.Module | Mapping[str, Tensor], *, progress: dict[str, Any],
+         config: dict[str, Any], train_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder at `path` atomically (replacing an older one). `model`: a model
+    or its whole state dict (tied tensors shared). A failure (a full disk above all) is one
+    OSError / CheckpointError line and leaves the older folder untouched."""
     path = Path(path)
     try:
         with atomic_directory(path) as tmp:  # fsynced, swapped in by rename; see recover_directory
@@ -228,6 +247,17 @@ def _load_weights(path: Path, model: nn.Module, device: torch.device | str) -> N
                               "was it saved from another config?")
 
 
+def read_weights(path: str | Path, model: nn.Module) -> dict[str, Tensor]:
+    """The checkpoint's weights as a state dict on CPU (tied tensors stored once), after the
+    dtype check against `model` (for a caller that scatters them itself: FSDP2's rank 0)."""
+    file = Path(path) / WEIGHTS
+    check_dtypes(file, model)
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} cannot be read as safetensors ({e})") from None
+
+
 def load_train_state(path: Path, device: torch.device | str) -> dict[str, Any]:
     """train_state.pt with `weights_only=True`: tensors and plain data, never code."""
     file = path / STATE
@@ -242,12 +272,14 @@ def load_train_state(path: Path, device: torch.device | str) -> dict[str, Any]:
                               "; use another checkpoint") from None
 
 
-def load(path: str | Path, model: nn.Module, *, with_train_state: bool = True,
+def load(path: str | Path, model: nn.Module | None, *, with_train_state: bool = True,
          device: torch.device | str = "cpu") -> Checkpoint:
-    """Verify the checkpoint, load its weights into `model` (strict) and return the rest."""
+    """Verify the checkpoint, load its weights into `model` (strict; None: leave them to the
+    caller, see `read_weights`) and return the rest."""
     path = Path(path)
     verify(path)
-    _load_weights(path, model, device)
+    if model is not None:
+        _load_weights(path, model, device)
     train_state = None
     if with_train_state and (path / STATE).is_file():
         train_state = load_train_state(path, device)

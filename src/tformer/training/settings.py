@@ -11,6 +11,7 @@ from tformer.config import ConfigError, check_choice, check_finite, check_fracti
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADVERSARIAL = ("none", "pgd", "embedding")
+STRATEGIES = ("ddp", "fsdp2")  # how several processes share a model (training.distributed)
 DEFAULT_WARMUP = 100  # steps of linear warm-up when a recipe names none (capped at max_steps)
 
 
@@ -37,6 +38,10 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"
+    # Several processes (torchrun): "ddp" (a full copy each, gradients all-reduced) or "fsdp2"
+    # (parameters, gradients and optimizer state sharded over the processes, per Block then the
+    # root). A single process ignores it.
+    strategy: str = "ddp"
     threads: int | None = None  # CPU intra-op threads; None: one per core other processes leave free
     # Recompute each Block's activations in the backward pass instead of keeping them: true (every
     # block), N (every N-th block: the N-th, 2N-th, ...) or false. Same gradients, less memory.
@@ -68,6 +73,7 @@ class TrainConfig:
         self._check_activation_checkpointing()
         check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("training.strategy", self.strategy, STRATEGIES)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                               f"({self.grad_accum})")

@@ -1,6 +1,8 @@
 """The part of a run that is not weights: optimizer, grad scaler, every process's RNG streams and
 every process's task state (e.g. Transformer-XL memory), gathered into one dict that
-`torch.load(weights_only=True)` can read back."""
+`torch.load(weights_only=True)` can read back. The optimizer state is always whole and in the
+one-process layout (`optimizer.state_dict()`); under FSDP2 it is gathered from the shards on
+save and scattered on resume, so a run continues with any number of processes."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torch import nn
+
+from tformer.training import distributed
 from tformer.training.distributed import World
 
 log = logging.getLogger(__name__)
@@ -55,10 +60,19 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def train_state(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state in the one-process layout (FSDP2: gathered from the shards to
+    rank 0, {} elsewhere; a collective, call it on every rank)."""
+    if distributed.is_sharded(model):
+        return distributed.full_optimizer_state(model, optimizer)
+    return optimizer.state_dict()
+
+
+def train_state(optimizer: dict[str, Any], scaler: torch.amp.GradScaler,
                 rng_states: list[dict[str, Any]],
                 task_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
+    """`optimizer`: its whole state dict (`optimizer_state`)."""
+    state = {"optimizer": optimizer, "scaler": scaler.state_dict(), "rng": rng_states}
     if task_states is not None:
         state["task"] = task_states
     return state
@@ -77,10 +91,20 @@ def restore_task(state: dict[str, Any], task: Any, world: World) -> None:
     task.load_state_dict(streams[world.rank])
 
 
-def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            world: World) -> None:
+def restore_optimizer(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                      world: World) -> None:
+    """Load the saved optimizer state (FSDP2: rank 0's copy scattered into every rank's shards;
+    a collective)."""
+    if distributed.is_sharded(model):
+        distributed.load_full_optimizer_state(model, optimizer, state["optimizer"] if world.is_main else None)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, world: World) -> None:
     """Load optimizer and scaler, and this rank's own RNG stream (dropout continues exactly)."""
-    optimizer.load_state_dict(state["optimizer"])
+    restore_optimizer(state, model, optimizer, world)
     scaler.load_state_dict(state["scaler"])
     streams = state.get("rng", [])
     if len(streams) != world.size:
