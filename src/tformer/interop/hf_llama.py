@@ -191,6 +191,7 @@ def save_llama(model: GPT, path: str | os.PathLike, *, bos_token_id: int | None 
 def convert_llama(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the HF Llama checkpoint `path` (with its tokenizer.json) as a new tformer run directory."""
     check_empty_output(Path(out_dir))
+    load_llama_config(path)  # a folder that is no Llama checkpoint is named before its tokenizer
     tokenizer = load_checkpoint_tokenizer(path)
     return write_run(out_dir, load_llama(path), path, tokenizer)
 

@@ -381,5 +381,6 @@ def write_run(out_dir: str | os.PathLike, model: nn.Module, source: str | os.Pat
 def convert_gpt2(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the HF GPT-2 checkpoint `path` (with its tokenizer.json) as a new tformer run directory."""
     check_empty_output(Path(out_dir))
+    load_gpt2_config(path)  # a folder that is no GPT-2 checkpoint is named before its tokenizer
     tokenizer = load_checkpoint_tokenizer(path)
     return write_run(out_dir, load_gpt2(path), path, tokenizer)
