@@ -30,6 +30,7 @@ def recipe(tmp_path: Path, data: dict) -> str:
     (["--clients", "5000"], "5000 clients for 1458 training examples"),
     (["--partition", "groups"], "no natural groups"),
     (["--strategy", "fedprox", "--mu", "0"], "--mu must be > 0"),
+    (["--dp-noise", "1.0"], "--dp-clip > 0"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     clients = [] if "--clients" in args else ["--clients", "2"]

@@ -94,3 +94,49 @@ def test_proximal_term_by_hand():
     assert float((task.loss(model, batch) - plain).detach()) == pytest.approx(0.5 / 2 * 0.25)
     model.eval()
     assert float(task.loss(model, batch).detach()) == pytest.approx(float(plain))  # evaluation: the task's own loss
+
+
+# -- differential privacy -------------------------------------------------------------------------
+
+def test_epsilon_matches_the_closed_form():
+    """min over alpha of T alpha / (2 z^2) + L / (alpha - 1), L = log(1/delta), is
+    T / (2 z^2) + sqrt(2 T L) / z at alpha = 1 + z sqrt(2 L / T); the grid of orders gets within 0.1%."""
+    from tformer.federated.privacy import gaussian_epsilon
+
+    for z, rounds, delta in [(1.0, 10, 1e-5), (0.5, 1, 1e-3), (4.0, 100, 1e-6)]:
+        big_l = np.log(1 / delta)
+        exact = rounds / (2 * z**2) + np.sqrt(2 * rounds * big_l) / z
+        epsilon, order = gaussian_epsilon(z, rounds, delta)
+        assert exact <= epsilon <= exact * 1.001
+        assert order == pytest.approx(1 + z * np.sqrt(2 * big_l / rounds), rel=0.02)
+    assert gaussian_epsilon(1.0, 4, 1e-5)[0] > gaussian_epsilon(1.0, 2, 1e-5)[0] > gaussian_epsilon(2.0, 2, 1e-5)[0]
+
+
+def dp_strategy(noise: float, clip: float):
+    spec = FederationSpec(recipe={}, clients=2, rounds=1, out="unused", dp_noise=noise, dp_clip=clip)
+    strategy = make_strategy(spec, lambda r: None)
+    return strategy
+
+
+def test_private_aggregation_clips_updates_by_hand():
+    strategy = dp_strategy(1e-12, 1.0)  # noise std 1e-12 x C / 2: nothing measurable
+    strategy.current_arrays = to_arrays(linear([0.0, 0.0], 0.0))  # the global model the round started from
+    # updates: [3, 4, 0] has norm 5 -> clipped to [0.6, 0.8, 0]; [0.3, 0.4, 0] (norm 0.5) is kept;
+    # unweighted mean (weights 1 under DP, whatever the examples): [0.45, 0.6, 0]
+    arrays, _ = strategy.aggregate_train(1, [reply(linear([3.0, 4.0], 0.0), 1, 0), reply(linear([0.3, 0.4], 0.0), 1, 1)])
+    merged = linear([9.0, 9.0], 9.0)
+    load_arrays(merged, arrays)
+    np.testing.assert_allclose(merged.weight.detach().numpy(), [[0.45, 0.6]], atol=1e-6)
+    assert abs(float(merged.bias.detach())) < 1e-6
+
+
+def test_private_aggregation_noise_has_the_stated_scale():
+    strategy = dp_strategy(2.0, 0.5)  # std z C / m = 2 x 0.5 / 2 = 0.5
+    models = [nn.Linear(4000, 1, bias=False) for _ in range(3)]
+    nn.init.zeros_(models[0].weight)  # the global model
+    for k in (1, 2):
+        nn.init.constant_(models[k].weight, 0.001 * k)  # updates of norm 0.06 and 0.13 < C: not clipped
+    strategy.current_arrays = to_arrays(models[0])
+    arrays, _ = strategy.aggregate_train(1, [reply(models[1], 1, 0), reply(models[2], 1, 1)])
+    noise = next(iter(arrays.values())).numpy() - 0.0015  # minus the mean update
+    assert noise.std() == pytest.approx(0.5, rel=0.05) and abs(noise.mean()) < 0.05

@@ -36,6 +36,10 @@ def add_federate_command(sub: argparse._SubParsersAction) -> None:
                    "run_dir + '-federated')")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. training.lr=3e-4")
     p.add_argument("--fresh", action="store_true", help="start over in --out instead of resuming")
+    dp = p.add_argument_group("differential privacy (client level: updates clipped, Gaussian noise on their mean)")
+    dp.add_argument("--dp-noise", type=finite_number, default=0.0, metavar="Z", help="noise multiplier (0: off)")
+    dp.add_argument("--dp-clip", type=finite_number, default=0.0, metavar="C", help="L2 norm bound of an update")
+    dp.add_argument("--dp-delta", type=finite_number, default=1e-5, help="the delta epsilon is reported at")
     p.add_argument("--cpus-per-client", type=whole_number(1), default=None,
                    help="simulation: cores per client actor (default: all; one client trains at a time)")
     p.add_argument("--app", default=None, metavar="DIR", help="write the Flower app of a multi-process "
@@ -55,7 +59,8 @@ def cmd_federate(args: argparse.Namespace) -> None:
     out = Path(args.out or f"{recipe.run_dir}-federated").expanduser().resolve()
     spec = FederationSpec(recipe=absolute_paths(recipe), clients=args.clients, rounds=args.rounds,
                           partition=args.partition, strategy=args.strategy, mu=args.mu, fraction=args.fraction,
-                          local_steps=args.local_steps, out=str(out), seed=args.seed)
+                          local_steps=args.local_steps, out=str(out), seed=args.seed, dp_noise=args.dp_noise,
+                          dp_clip=args.dp_clip, dp_delta=args.dp_delta)
     if args.app:
         return _write_app(spec, args)
     from tformer.federated.simulate import simulate

@@ -19,10 +19,11 @@ from typing import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tformer.federated.local import node_for, train_round
+from tformer.federated.privacy import private
 from tformer.federated.server import GlobalModel, global_model
 from tformer.federated.spec import FederationSpec
 from tformer.federated.weights import load_arrays, to_arrays
@@ -49,14 +50,16 @@ def train(msg: Message, context: Context) -> Message:
     load_arrays(node.trainer.model, msg.content["arrays"])
     mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
     metrics = train_round(node, partition_id, global_round, mu)
-    reply = MetricRecord({WEIGHT_KEY: len(node.shares[partition_id]), "round": global_round,
-                          "partition": partition_id, **metrics})
+    examples = len(node.shares[partition_id])  # the weight of its update; 1 each under DP (privacy)
+    reply = MetricRecord({WEIGHT_KEY: 1 if spec.private else examples, "examples": examples,
+                          "round": global_round, "partition": partition_id, **metrics})
     return Message(RecordDict({"arrays": to_arrays(node.trainer.model), "metrics": reply}), reply_to=msg)
 
 
-def make_strategy(spec: FederationSpec, on_replies: Callable[[list[RecordDict]], None]) -> FedAvg:
-    """Flower's FedAvg or FedProx, sampling `fraction` of the clients each round; the server
-    evaluates centrally, so no client-side evaluation round."""
+def make_strategy(spec: FederationSpec, on_replies: Callable[[list[RecordDict]], None]) -> Strategy:
+    """Flower's FedAvg or FedProx, sampling `fraction` of the clients each round (the server
+    evaluates centrally, so no client-side evaluation round); with differential privacy, inside
+    Flower's server-side clipping + noise wrapper."""
     def aggregate(replies: list[RecordDict], key: str) -> MetricRecord:
         on_replies(replies)  # per-client rows before Flower's weighted mean of the metrics
         merged = aggregate_metricrecords(replies, key)
@@ -65,9 +68,8 @@ def make_strategy(spec: FederationSpec, on_replies: Callable[[list[RecordDict]],
     common = dict(fraction_train=spec.fraction, fraction_evaluate=0.0, min_train_nodes=spec.sampled,
                   min_evaluate_nodes=0, min_available_nodes=spec.clients, weighted_by_key=WEIGHT_KEY,
                   train_metrics_aggr_fn=aggregate)
-    if spec.strategy == "fedprox":
-        return FedProx(proximal_mu=spec.mu, **common)
-    return FedAvg(**common)
+    strategy = FedProx(proximal_mu=spec.mu, **common) if spec.strategy == "fedprox" else FedAvg(**common)
+    return private(strategy, spec.dp_noise, spec.dp_clip, spec.sampled) if spec.private else strategy
 
 
 def run_rounds(grid: Grid, server: GlobalModel) -> None:

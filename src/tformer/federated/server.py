@@ -1,7 +1,8 @@
 """The server's side: the global model, its evaluation after every round on the task's validation
 data, and the run directory the federation writes.
 
-    OUT/metrics.jsonl          one row per round: round, step, val_loss, accuracy (a classifier), clients
+    OUT/metrics.jsonl          one row per round: round, step, val_loss, accuracy (a classifier), and
+                               epsilon / delta spent so far under differential privacy
     OUT/clients.jsonl          one row per client per round: partition, examples, train_loss
     OUT/federation.png         validation loss and accuracy against the round
     OUT/checkpoints/last       the global model after the last round (tformer's checkpoint format:
@@ -27,6 +28,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from tformer.config import ConfigError
 from tformer.federated.local import federated_training
 from tformer.federated.partition import partition
+from tformer.federated.privacy import gaussian_epsilon
 from tformer.federated.spec import FederationSpec
 from tformer.federated.weights import load_arrays, to_arrays
 from tformer.files import read_json, write_json_atomic, write_text_atomic
@@ -99,6 +101,9 @@ class GlobalModel:
         accuracy = getattr(self.prepared.task, "accuracy", None)
         if callable(accuracy):
             row["accuracy"] = accuracy(self.prepared.model)
+        if self.spec.private:  # the privacy spent by the rounds so far
+            row["epsilon"] = gaussian_epsilon(self.spec.dp_noise, round_, self.spec.dp_delta)[0]
+            row["delta"] = self.spec.dp_delta
         self._append(METRICS_FILE, row)
         if round_ > 0:
             self._checkpoint(round_, row["val_loss"])
@@ -122,7 +127,8 @@ class GlobalModel:
         """One clients.jsonl row per reply (its MetricRecord: round, partition, examples, loss)."""
         for reply in replies:
             metrics = next(iter(reply.metric_records.values()))
-            row = {k: (int(v) if k in ("round", "partition", "num-examples") else v) for k, v in metrics.items()}
+            row = {k: (int(v) if k in ("round", "partition", "num-examples", "examples") else v)
+                   for k, v in metrics.items()}
             self._append(CLIENTS_FILE, {"step": row["round"] * self.spec.steps_per_round, **row})
 
     def _append(self, name: str, row: dict[str, Any]) -> None:

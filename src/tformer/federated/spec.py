@@ -31,6 +31,9 @@ class FederationSpec:
     local_steps: int = 0  # 0: the recipe's max_steps spread over rounds x sampled clients
     out: str = ""
     seed: int = 0  # the partition's seed
+    dp_noise: float = 0.0  # differential privacy (federated.privacy): noise multiplier z; 0: off
+    dp_clip: float = 0.0  # the L2 norm C every client's update is clipped to
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         check_choice("--strategy", self.strategy, STRATEGIES)
@@ -44,6 +47,11 @@ class FederationSpec:
             raise ConfigError(f"--local-steps must be >= 1 (0: from the recipe), got {self.local_steps}")
         if self.strategy == "fedprox" and not self.mu > 0:
             raise ConfigError(f"--mu must be > 0 with fedprox (0 is fedavg), got {self.mu}")
+        if self.dp_noise < 0 or (self.dp_noise > 0 and not self.dp_clip > 0):
+            raise ConfigError(f"differential privacy needs --dp-noise > 0 and --dp-clip > 0 (the update norm "
+                              f"bound), got --dp-noise {self.dp_noise} --dp-clip {self.dp_clip}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
         self.partition_spec  # a bad spec is named now
 
     @property
@@ -67,6 +75,10 @@ class FederationSpec:
             return self.local_steps
         return max(1, math.ceil(self.recipe_obj.training.max_steps / (self.rounds * self.sampled)))
 
+    @property
+    def private(self) -> bool:
+        return self.dp_noise > 0
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -78,7 +90,7 @@ class FederationSpec:
         """A resume continues the same federation (more rounds allowed): recipe sections that decide
         the model and data, clients, partition, strategy and local steps must match."""
         mine = json.loads(self.to_json())
-        keys = ("clients", "partition", "strategy", "mu", "fraction", "local_steps", "seed")
+        keys = ("clients", "partition", "strategy", "mu", "fraction", "local_steps", "seed", "dp_noise", "dp_clip")
         for key in keys:
             if saved.get(key) != mine[key]:
                 raise ConfigError(f"{self.out} was federated with {key}={saved.get(key)!r}, not {mine[key]!r}: "
