@@ -226,6 +226,7 @@ class OnnxModel:
 
     def generate_text(self, prompt: str, max_new_tokens: int = 200, **options: Any) -> str:
         """The prompt's continuation (without the prompt); stops at the tokenizer's end-of-text."""
+        self._need("causal_lm")
         tokenizer = self._need_tokenizer()
         ids = tokenizer.encode(prompt)
         if not ids:
@@ -286,6 +287,7 @@ class OnnxModel:
 
     def translate(self, sentences: Sequence[str], max_new_tokens: int | None = None, **options: Any) -> list[str]:
         """Translations of `sentences` (greedy unless temperature > 0; see `generate_conditioned`)."""
+        self._need("conditional_decoder")
         tokenizer = self._need_tokenizer()
         if isinstance(sentences, str) or not sentences:
             raise ValueError("translate takes a non-empty list of sentences")
