@@ -1,0 +1,57 @@
+"""The server's run directory without a Flower runtime: per-round rows (with the privacy spent
+under DP), the global checkpoint each round, a resume that drops rows after its round, and a
+folder that is not tformer's left alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tformer.federated.privacy import gaussian_epsilon
+from tformer.federated.server import global_model
+from tformer.federated.spec import FederationSpec
+from tformer.runs import checkpoint
+from tformer.training.recipe import recipe_from_dict
+
+TINY = {"task": "image_classification",
+        "model": {"preset": "vit-digits", "d_model": 16, "n_layers": 1, "n_heads": 2},
+        "data": {"source": "digits"}, "training": {"max_steps": 4, "batch_size": 16, "warmup_steps": 0}}
+
+
+def spec(tmp_path: Path, **kw) -> FederationSpec:
+    recipe = recipe_from_dict({**TINY, "run_dir": str(tmp_path / "central")}).to_dict()
+    return FederationSpec(**{"recipe": recipe, "clients": 2, "rounds": 3, "local_steps": 1,
+                             "out": str(tmp_path / "fed"), "dp_noise": 1.5, "dp_clip": 0.1, **kw})
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rounds_checkpoints_privacy_and_resume(tmp_path):
+    with global_model(spec(tmp_path), fresh=False) as server:
+        for r in (0, 1, 2):
+            server.evaluate(r, server.arrays())
+    out = tmp_path / "fed"
+    metrics = rows(out / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2] and (out / "federation.png").is_file()
+    assert metrics[2]["epsilon"] == gaussian_epsilon(1.5, 2, 1e-5)[0] and metrics[0]["epsilon"] == 0.0
+    assert checkpoint.load_progress(out / "checkpoints" / "last")["round"] == 2
+    with open(out / "metrics.jsonl", "a") as f:  # a row a killed server wrote after its last checkpoint
+        f.write(json.dumps({"round": 3, "step": 3, "val_loss": 1.0}) + "\n")
+    with global_model(spec(tmp_path), fresh=False) as server:
+        assert server.done == 2
+    assert [m["round"] for m in rows(out / "metrics.jsonl")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="was federated with clients=2"):
+        with global_model(spec(tmp_path, clients=3), fresh=False):
+            pass
+
+
+def test_foreign_folder_is_refused(tmp_path, one_line_error):
+    (tmp_path / "fed").mkdir()
+    (tmp_path / "fed" / "thesis.tex").write_text("mine")
+    message = one_line_error(lambda: global_model(spec(tmp_path), fresh=True).__enter__())
+    assert "not a tformer run directory" in message
+    assert [p.name for p in (tmp_path / "fed").iterdir()] == ["thesis.tex"]
