@@ -23,7 +23,7 @@ from tformer.cli import main
 from tformer.config import ConfigError
 from tformer.models.gpt import GPT, GPTConfig
 from tformer.runs import checkpoint
-from tformer.training import CausalLMTask, TrainConfig, Trainer, distributed
+from tformer.training import CausalLMTask, TrainConfig, Trainer, distributed, memory_plan
 
 STEPS, KILL_AT = 8, 6  # checkpoints every 4 steps: a kill at step 6 resumes from step 4
 
@@ -125,6 +125,18 @@ def test_fsdp2_killed_and_resumed_equals_one_process(runs):
     assert last.progress["step"] == STEPS and len(last.train_state["rng"]) == 2
 
 
+def test_the_memory_plan_counts_this_process_shards(runs):
+    """Under fsdp2 each process holds about half of the parameters, gradients and AdamW state
+    (counted from its DTensor shards, padding included), and every rank's peak is recorded."""
+    plan = json.loads((runs / "killed" / memory_plan.PLAN_FILE).read_text())
+    assert plan["settings"]["strategy"] == "fsdp2" and plan["settings"]["processes"] == 2
+    whole = 4 * plan["n_parameters"]  # fp32
+    assert whole / 2 <= plan["parameters"] < whole / 2 * 1.05
+    assert plan["gradients"] == plan["parameters"] and plan["optimizer_state"] == 2 * plan["parameters"]
+    [row] = plan["measured"]
+    assert len(row["measured_peak_by_rank"]) == 2 and row["measured_peak"] == row["measured_peak_by_rank"][0]
+
+
 def test_saved_by_two_processes_resumes_with_one(runs):
     recipe = write_recipe(runs, "to_one")
     assert main(["train", str(recipe), "--set", "training.strategy=ddp"]) == 0  # a plain process
@@ -134,7 +146,8 @@ def test_saved_by_two_processes_resumes_with_one(runs):
 def test_saved_by_one_process_resumes_with_two_and_the_files_are_alike(runs):
     recipe = write_recipe(runs, "from_one")
     assert main(["train", str(recipe), "--set", "training.strategy=ddp", "--set", "training.max_steps=4"]) == 0
-    assert two_processes("train", str(recipe)) == [0, 0]
+    # activation checkpointing (applied before sharding) changes no loss either
+    assert two_processes("train", str(recipe), "--set", "training.activation_checkpointing=true") == [0, 0]
     assert_same_losses(runs / "from_one", train_losses(runs / "single"))
     # the checkpoint FSDP2 wrote has the one-process layout: the same tensor names, the tied head
     # stored once, and an optimizer state numbered like optimizer.state_dict()'s

@@ -135,6 +135,7 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_with_the_settings_that_wou
     print("\n" + message)
     assert "\n" not in message and "30.0 MiB is available" in message
     assert "training.grad_accum=" in message and "training.activation_checkpointing=true" in message
+    assert "fsdp2" not in message  # one CPU machine: FSDP2's processes would share the same memory
     assert not (tmp_path / "metrics.jsonl").exists() or "train_loss" not in (tmp_path / "metrics.jsonl").read_text()
     monkeypatch.setattr(memory_plan.Meter, "available", lambda self: 2**20)  # not even the optimizer state
     with pytest.raises(ConfigError, match="gradients and optimizer state alone.*smaller model"):
@@ -160,3 +161,19 @@ def test_the_measured_step_changes_no_loss_and_no_weight(tmp_path, monkeypatch):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     for a, b in zip(with_plan.model.parameters(), without.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_on_gpus_the_refusal_names_fsdp2_with_the_processes_that_would_fit():
+    """Each GPU has its own memory: N processes under fsdp2 hold 1/N of parameters, gradients and
+    optimizer state and 1/N of the micro-batch; the smallest N that fits is named."""
+    mib = 2**20
+    settings = {"micro_batch_rows": 8, "grad_accum": 1, "activation_checkpointing": True,
+                "device": "cuda:0", "strategy": "one process", "processes": 1}
+    plan = memory_plan.MemoryPlan(path=None, meter=memory_plan.Meter(torch.device("cpu")), settings=settings,
+                                  parameters=400 * mib, gradients=400 * mib, optimizer_state=800 * mib,
+                                  activations=800 * mib, baseline=0, measured_step_peak=0, available=None)
+    advice = memory_plan._fit_advice(plan, free=1000 * mib)  # (1600 + 800) / 4 = 600 MiB fits, / 2 does not
+    assert "training.strategy=fsdp2 under `torchrun --nproc_per_node 4`" in advice
+    assert "fsdp2" not in memory_plan._fit_advice(plan, free=100 * mib)  # not even with 64 GPUs
+    assert "fsdp2" not in memory_plan._fit_advice(
+        memory_plan.MemoryPlan(**{**plan.__dict__, "settings": {**settings, "device": "cpu"}}), free=1000 * mib)

@@ -10,6 +10,11 @@ own first micro-batch, with its precision, activation checkpointing and loss, an
 optimizer step; the gradients it made are dropped and the RNG streams and task state restored, so
 training is the same with or without the plan.
 
+Several processes (torchrun) each make the plan for themselves, rank 0 writes it, with every
+rank's measured peak. Under `training.strategy=fsdp2` the counts are this process's shards
+(measured from the DTensors' local pieces, about 1/N of the whole with N processes); under DDP
+each process holds everything. On CPU the processes of one machine share its available memory.
+
 Memory is read the same way for the prediction and for the real peak: on CPU the process's
 resident high-water mark (VmHWM, reset by writing "5" to /proc/self/clear_refs after glibc has
 given its free pages back), on CUDA `torch.cuda.max_memory_allocated` after
@@ -23,6 +28,7 @@ import copy
 import ctypes
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tformer.config import ConfigError
+from tformer.training import distributed
 from tformer.files import write_text_atomic
 from tformer.runs.memory import available_memory, human_bytes
 
@@ -108,14 +115,20 @@ def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(model.parameters())  # tied weights once
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """This process's piece of a tensor (an FSDP2 DTensor shard), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def static_bytes(model: nn.Module) -> dict[str, int]:
-    """Exact bytes of parameters, gradients (trainable parameters) and AdamW state (two fp32
-    moments per trainable parameter)."""
+    """Exact bytes this process holds of parameters, gradients (trainable parameters) and AdamW
+    state (two fp32 moments per trainable parameter): FSDP2's shards, counted from their local
+    pieces. `n_parameters` / `n_trainable` count the whole model."""
     params = _unique_parameters(model)
     trainable = [p for p in params if p.requires_grad]
-    return {"parameters": sum(p.numel() * p.element_size() for p in params),
-            "gradients": sum(p.numel() * p.element_size() for p in trainable),
-            "optimizer_state": sum(ADAM_MOMENTS * p.numel() * 4 for p in trainable),
+    return {"parameters": sum(_local(p).numel() * p.element_size() for p in params),
+            "gradients": sum(_local(p).numel() * p.element_size() for p in trainable),
+            "optimizer_state": sum(ADAM_MOMENTS * _local(p).numel() * 4 for p in trainable),
             "n_parameters": sum(p.numel() for p in params),
             "n_trainable": sum(p.numel() for p in trainable)}
 
@@ -160,7 +173,8 @@ class MemoryPlan:
     def log_lines(self) -> list[str]:
         s = self.settings
         free = "unknown" if self.available is None else human_bytes(self.available)
-        return [f"memory plan: parameters {human_bytes(self.parameters)} ({self.n_parameters:,})",
+        each = "" if s["processes"] == 1 else f" per process ({s['strategy']}, {s['processes']} processes)"
+        return [f"memory plan: parameters {human_bytes(self.parameters)}{each} ({self.n_parameters:,} in all)",
                 f"memory plan: gradients {human_bytes(self.gradients)} ({self.n_trainable:,} trainable)",
                 f"memory plan: optimizer state {human_bytes(self.optimizer_state)} (AdamW, 2 x fp32)",
                 (f"memory plan: activations {human_bytes(self.activations)} (measured: micro-batch of "
@@ -178,16 +192,41 @@ class MemoryPlan:
         return not self.measured and (step - self._start_step >= MEASURE_AFTER_STEPS or last)
 
     def record_measured(self, step: int) -> dict[str, Any]:
+        """The real peak (a collective under torchrun: every rank's peak is gathered)."""
         peak = self.meter.peak()
         row = {"step": step, "measured_peak": peak, "predicted_peak": self.predicted_peak,
                "ratio": peak / self.predicted_peak if self.predicted_peak else None,
                "measured_growth": peak - self.baseline, "predicted_growth": self.need,
                "growth_ratio": (peak - self.baseline) / self.need if self.need else None}
+        if self.settings["processes"] > 1:
+            row["measured_peak_by_rank"] = _gather_ints(peak)
         self.measured.append(row)
         self.write()
         log.info("memory plan: measured peak %s at step %d, predicted %s (ratio %.2f)",
                  human_bytes(peak), step, human_bytes(self.predicted_peak), row["ratio"] or 0.0)
         return row
+
+
+def _gather_ints(value: int) -> list[int]:
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _fsdp2_advice(plan: MemoryPlan, free: int) -> str | None:
+    """FSDP2 over N GPUs (each its own memory) divides gradients and optimizer state by N and
+    the micro-batch too; on one CPU machine its processes share the memory, so it is not named."""
+    s = plan.settings
+    if s["strategy"] == "fsdp2" or not s["device"].startswith("cuda"):
+        return None
+    rows, static = s["micro_batch_rows"], plan.gradients + plan.optimizer_state + plan.parameters
+    for n in (2, 4, 8, 16, 32, 64):
+        if static / n + plan.activations / min(n, rows) <= free:
+            return (f"training.strategy=fsdp2 under `torchrun --nproc_per_node {n}` ({n} GPUs: about "
+                    f"{human_bytes(static / n)} of parameters, gradients and optimizer state each)")
+    return None
 
 
 def _fit_advice(plan: MemoryPlan, free: int) -> str:
@@ -206,7 +245,10 @@ def _fit_advice(plan: MemoryPlan, free: int) -> str:
             ways.append("a smaller training.batch_size with a larger training.grad_accum")
     if not s["activation_checkpointing"]:
         ways.append("training.activation_checkpointing=true")
-    if room <= 0 or not ways:
+    sharded = _fsdp2_advice(plan, free)
+    if sharded:
+        ways.append(sharded)
+    if room <= 0 and not sharded or not ways:
         ways.append("a smaller model (gradients and optimizer state alone need "
                     f"{human_bytes(plan.gradients + plan.optimizer_state)})")
     return "set " + ", or ".join(ways)
@@ -251,7 +293,7 @@ def measure_step(trainer: Any, meter: Meter) -> tuple[int, int, int]:
             loss.backward()
             del loss, batch
         peak = meter.peak()
-        made = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        made = sum(_local(p.grad).numel() * p.grad.element_size() for p in params if p.grad is not None)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
@@ -261,25 +303,46 @@ def measure_step(trainer: Any, meter: Meter) -> tuple[int, int, int]:
     return baseline, max(peak - baseline, 0), made
 
 
+def _share_of_available(meter: Meter, world: Any) -> int | None:
+    """The memory this process may use: a CUDA device's own free memory, or on CPU the
+    machine's available memory shared by the processes torchrun started on it."""
+    free = meter.available()
+    if free is None or meter.cuda:
+        return free
+    return free // int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+
+
+def _any_rank(flag: bool, world: Any) -> bool:
+    """Whether any process says so (every rank then refuses alike, none waits in a collective)."""
+    return bool(distributed.mean_across(torch.tensor(float(flag), device=world.device), world) > 0)
+
+
+def _settings(trainer: Any) -> dict[str, Any]:
+    cfg, world = trainer.config, trainer.world
+    strategy = ("fsdp2" if distributed.is_sharded(trainer.model) else "ddp") if world.distributed else "one process"
+    return {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "micro_batch_rows": cfg.batch_size // (cfg.grad_accum * world.size),
+            "precision": cfg.precision if trainer.amp_dtype is None
+            else f"{cfg.precision} ({str(trainer.amp_dtype).removeprefix('torch.')} autocast)",
+            "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile,
+            "device": str(world.device), "processes": world.size, "strategy": strategy}
+
+
 def before_training(trainer: Any, available: int | None = None) -> MemoryPlan | None:
     """Measure, log and write the plan (rank 0 writes); refuse a run that will not fit (one line,
-    ConfigError). None where it cannot be measured (several processes, no /proc)."""
-    cfg, world = trainer.config, trainer.world
+    ConfigError). Under torchrun every rank measures itself (a collective: FSDP2's measured step
+    gathers parameters). None where this system does not report peak memory."""
+    world = trainer.world
     meter = Meter(world.device)
-    if world.distributed or not meter.usable():
-        log.info("memory plan: not made (%s)", "several processes" if world.distributed
-                 else "this system does not report peak memory")
+    if _any_rank(not meter.usable(), world):
+        log.info("memory plan: not made (this system does not report peak memory)")
         return None
     counts = static_bytes(trainer.model)
-    rows = cfg.batch_size // (cfg.grad_accum * world.size)
-    settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "micro_batch_rows": rows,
-                "precision": cfg.precision if trainer.amp_dtype is None
-                else f"{cfg.precision} ({str(trainer.amp_dtype).removeprefix('torch.')} autocast)",
-                "activation_checkpointing": cfg.activation_checkpointing, "compile": cfg.compile,
-                "device": str(world.device), "processes": world.size}
-    free = meter.available() if available is None else available
+    settings = _settings(trainer)
+    rows = settings["micro_batch_rows"]
+    free = _share_of_available(meter, world) if available is None else available
     static_need = counts["gradients"] + counts["optimizer_state"]
-    if free is not None and static_need > free:  # refuse before a step could run out of memory
+    if _any_rank(free is not None and static_need > free, world):  # before a step could run out of memory
         raise ConfigError(f"this run needs more than {human_bytes(static_need)} for gradients and "
                           f"optimizer state alone, but {human_bytes(free)} is available; use a smaller model")
     was_training = trainer.model.training
@@ -293,7 +356,7 @@ def before_training(trainer: Any, available: int | None = None) -> MemoryPlan | 
                       n_parameters=counts["n_parameters"], n_trainable=counts["n_trainable"])
     for line in plan.log_lines():
         log.info(line)
-    if free is not None and plan.need > free:
+    if _any_rank(free is not None and plan.need > free, world):
         raise ConfigError(f"this run needs about {human_bytes(plan.need)} more memory (gradients "
                           f"{human_bytes(plan.gradients)}, optimizer state {human_bytes(plan.optimizer_state)}, "
                           f"activations {human_bytes(plan.activations)} for a micro-batch of {rows} rows), "
