@@ -66,7 +66,7 @@ def test_aggregate_matches_numpy_for_three_clients():
             p.data = torch.from_numpy(rng.normal(size=p.shape).astype(np.float32))
     arrays, _ = make_strategy(FederationSpec(recipe={}, clients=3, rounds=1, out="unused"), lambda r: None
                               ).aggregate_train(1, [reply(m, n, k) for k, (m, n) in enumerate(zip(models, counts))])
-    for name in arrays.keys():
+    for name in arrays:
         expected = sum(n * dict(m.named_parameters())[name].detach().numpy() for m, n in zip(models, counts)) / 20
         np.testing.assert_allclose(arrays[name].numpy(), expected, rtol=1e-6, atol=1e-6)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tformer.config import ConfigError
 from tformer.federated.partition import by_groups, dirichlet, iid, parse_partition, partition
 from tformer.training.recipe import prepare, recipe_from_dict
 

@@ -44,9 +44,9 @@ def test_rounds_checkpoints_privacy_and_resume(tmp_path):
     with global_model(spec(tmp_path), fresh=False) as server:
         assert server.done == 2
     assert [m["round"] for m in rows(out / "metrics.jsonl")] == [0, 1, 2]
-    with pytest.raises(ValueError, match="was federated with clients=2"):
-        with global_model(spec(tmp_path, clients=3), fresh=False):
-            pass
+    with pytest.raises(ValueError, match="was federated with clients=2"), global_model(spec(tmp_path, clients=3),
+                                                                                      fresh=False):
+        pass
 
 
 def test_foreign_folder_is_refused(tmp_path, one_line_error):

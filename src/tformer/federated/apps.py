@@ -14,7 +14,8 @@ the federation from the run config (`spec`, `fresh`). The simulation opens the f
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -65,9 +66,10 @@ def make_strategy(spec: FederationSpec, on_replies: Callable[[list[RecordDict]],
         merged = aggregate_metricrecords(replies, key)
         return MetricRecord({k: v for k, v in merged.items() if k not in ("round", "partition")})  # no means of ids
 
-    common = dict(fraction_train=spec.fraction, fraction_evaluate=0.0, min_train_nodes=spec.sampled,
-                  min_evaluate_nodes=0, min_available_nodes=spec.clients, weighted_by_key=WEIGHT_KEY,
-                  train_metrics_aggr_fn=aggregate)
+    common: dict[str, Any] = {"fraction_train": spec.fraction, "fraction_evaluate": 0.0,
+                              "min_train_nodes": spec.sampled, "min_evaluate_nodes": 0,
+                              "min_available_nodes": spec.clients, "weighted_by_key": WEIGHT_KEY,
+                              "train_metrics_aggr_fn": aggregate}
     strategy = FedProx(proximal_mu=spec.mu, **common) if spec.strategy == "fedprox" else FedAvg(**common)
     return private(strategy, spec.dp_noise, spec.dp_clip, spec.sampled) if spec.private else strategy
 

@@ -20,8 +20,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 

@@ -52,7 +52,7 @@ class FederationSpec:
                               f"bound), got --dp-noise {self.dp_noise} --dp-clip {self.dp_clip}")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
-        self.partition_spec  # a bad spec is named now
+        parse_partition(self.partition)  # a bad spec is named now
 
     @property
     def partition_spec(self) -> PartitionSpec:
