@@ -69,7 +69,8 @@ def compare(args: argparse.Namespace, work: Path) -> list[dict]:
             tracker = codecarbon_tracker(mode)
             tracker.start()
             wall, cpu0 = time.perf_counter(), time.process_time()
-            trained = train_in_process(args.compare_recipe, work / f"cmp-{mode}-{repeat}", args.compare_steps, 10)
+            run_dir = work / f"cmp-{mode}-{repeat}"
+            trained = train_in_process(args.compare_recipe, run_dir, args.compare_steps, 10)
             wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu0
             tracker.stop()
             data = tracker.final_emissions_data
@@ -108,7 +109,8 @@ def overhead(args: argparse.Namespace, work: Path) -> dict:
             if case == "unmetered":
                 trainer_module.Trainer._energy_fields = lambda self: {}
             try:
-                trained = train_in_process(args.compare_recipe, work / f"ovh-{case}-{repeat}", args.overhead_steps, 1)
+                run_dir = work / f"ovh-{case}-{repeat}"
+                trained = train_in_process(args.compare_recipe, run_dir, args.overhead_steps, 1)
             finally:
                 trainer_module.Trainer._energy_fields = reads
             step_s[case].append(median_step_s(trained["rows"], batch))
@@ -155,7 +157,7 @@ def recipe_energy(name: str, work: Path, steps: int) -> dict:
     for item in recipe_sets(name, work, steps):
         cmd += ["--set", item]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         return {"recipe": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -179,7 +181,7 @@ def full_run(name: str, work: Path) -> dict:
     for item in recipe_sets(name, work, None):
         cmd += ["--set", item]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"recipe": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
@@ -251,7 +253,7 @@ def summarise(report: dict) -> None:
                   f"{statistics.median(r['codecarbon_cpu_kwh'] / r['tformer_kwh'] for r in rows):.2f}x")
     if "overhead" in report:
         o = report["overhead"]
-        metered, unmetered = statistics.median(o["median_step_s"]["metered"]), statistics.median(o["median_step_s"]["unmetered"])
+        metered, unmetered = (statistics.median(o["median_step_s"][case]) for case in ("metered", "unmetered"))
         print(f"overhead: one read {o['one_read_s'] * 1e6:.1f} us = {o['one_read_s'] / unmetered:.4%} of a step; "
               f"step {metered * 1e3:.1f} ms metered every step vs {unmetered * 1e3:.1f} ms unmetered "
               f"(per repeat: {[round(v * 1e3, 1) for v in o['median_step_s']['metered']]} vs "

@@ -51,7 +51,8 @@ def test_every_log_and_evaluation_row_carries_labelled_cumulative_energy(run, mo
     assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
     for row in rows:
         assert ENERGY <= set(row), row
-        assert row["energy_method"] == "estimated" and row["energy_source"].startswith("cpu-time@")  # no RAPL here
+        assert row["energy_method"] == "estimated"  # no RAPL in these VMs
+        assert row["energy_source"].startswith("cpu-time@")
         assert row["co2_country"] == "WORLD (no country given)"
         assert row["energy_kwh"] == pytest.approx(row["energy_j"] / 3.6e6)
         assert row["co2_g"] == pytest.approx(row["energy_kwh"] * row["co2_g_per_kwh"])
@@ -90,7 +91,8 @@ def test_generate_and_predict_report_energy_on_stderr_only(run, capsys, monkeypa
     main(["generate", str(run["dir"]), "--prompt", "the", "--max-new-tokens", "5", "--seed", "1"])
     out, err = capsys.readouterr()
     assert "energy" not in out and out.startswith("the")
-    assert err.count("\n") == 1 and "estimated: cpu-time@" in err and "tokens/J" in err and "(FR, 2023)" in err
+    assert err.count("\n") == 1 and "estimated: cpu-time@" in err
+    assert "tokens/J" in err and "(FR, 2023)" in err
     main(["predict", str(run["dir"]), "the king", "--max-new-tokens", "3", "--json", "--seed", "1"])
     out, err = capsys.readouterr()
     assert json.loads(out)["input"] == "the king" and "inputs/J" in err

@@ -55,8 +55,8 @@ def intensity(country: str | None = None) -> CarbonIntensity:
         return CarbonIntensity(world.code, world.country, world.g_per_kwh, world.year, chosen=False)
     found = rows.get(country.strip().upper())
     if found is None:
-        raise ValueError(f"unknown country code {country!r} for carbon intensity: give an ISO 3166 alpha-2 or "
-                         f"alpha-3 code (FR, FRA, US, DEU, ...) from the alpha2/alpha3 columns of {TABLE}, "
+        raise ValueError(f"unknown country code {country!r} for carbon intensity: give an ISO 3166 "
+                         f"alpha-2 or alpha-3 code (FR, FRA, US, DEU, ...) from the alpha2/alpha3 columns of {TABLE}, "
                          f"or {WORLD} for the world average")
     return found
 

@@ -7,9 +7,9 @@ few file reads or one NVML call per interval, nothing per step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from tformer.energy import carbon as carbon_table
 from tformer.energy.carbon import CarbonIntensity
@@ -113,7 +113,8 @@ class EnergyMeter:
 
     def reading(self, joules: float | None = None) -> EnergyReading:
         """A reading of `joules` (default: this process's own `joules()`)."""
-        return EnergyReading(self.joules() if joules is None else joules, self.method, self.source, self.carbon)
+        joules = self.joules() if joules is None else joules
+        return EnergyReading(joules, self.method, self.source, self.carbon)
 
 
 def describe(source: Source) -> str:

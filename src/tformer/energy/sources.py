@@ -17,8 +17,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class NvmlSource:
         try:
             pynvml.nvmlInit()
             return cls(pynvml, pynvml.nvmlDeviceGetHandleByIndex(visible_gpu(gpu_index)))
-        except Exception as error:  # pynvml.NVMLError and its many subclasses
+        except (getattr(pynvml, "NVMLError", RuntimeError), RuntimeError, OSError) as error:
             log.info("NVML cannot read GPU %d's energy (%s): it is not measured", gpu_index, error)
             return None
 
