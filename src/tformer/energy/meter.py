@@ -86,7 +86,7 @@ class EnergyMeter:
     def __init__(self, sources: Sequence[Source], carbon: CarbonIntensity, *, note: str = "") -> None:
         self.sources, self.carbon = list(sources), carbon
         self.method = "measured" if all(s.measured for s in self.sources) else "estimated"
-        self.source = "+".join(describe(s) for s in self.sources) + note
+        self.source = "+".join([describe(s) for s in self.sources] + ([note] if note else []))
 
     @classmethod
     def open(cls, *, gpu_index: int | None = None, country: str | None = None,
@@ -103,7 +103,7 @@ class EnergyMeter:
             sources.append(gpu)
         rapl = RaplSource.find(powercap)
         if rapl is not None and local_rank > 0:  # the package is counted once, by local rank 0
-            return cls(sources, intensity, note="+rapl@local-rank-0")
+            return cls(sources, intensity, note="rapl@local-rank-0")
         sources.append(rapl if rapl is not None else CpuTimeSource(watts))
         return cls(sources, intensity)
 
