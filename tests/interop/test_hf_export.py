@@ -57,14 +57,14 @@ def padded() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("head, hf_class", [("none", "BertModel"), ("mlm", "BertForMaskedLM"),
-                                            ("sequence", "BertForSequenceClassification"),
-                                            ("token", "BertForTokenClassification")])
+@pytest.mark.parametrize("head, hf_class, tied", [
+    ("none", "BertModel", True), ("mlm", "BertForMaskedLM", True), ("mlm", "BertForMaskedLM", False),
+    ("sequence", "BertForSequenceClassification", True), ("token", "BertForTokenClassification", True)])
 def test_bert_loads_in_transformers_with_equal_logits_and_round_trips(tmp_path: Path, head: str,
-                                                                     hf_class: str) -> None:
+                                                                     hf_class: str, tied: bool) -> None:
     labels = ("neg", "pos", "mixed") if head in ("sequence", "token") else ()
     torch.manual_seed(0)
-    model = perturbed(Bert(dataclasses.replace(BERT, head=head, labels=labels)))
+    model = perturbed(Bert(dataclasses.replace(BERT, head=head, labels=labels, tie_embeddings=tied)))
     save_bert(model, tmp_path / "hf")
     hf = getattr(transformers, hf_class).from_pretrained(tmp_path / "hf").eval()
     ids, mask = padded()

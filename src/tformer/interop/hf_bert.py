@@ -237,6 +237,9 @@ def save_bert(model: Bert, path: str | os.PathLike, *, pad_token_id: int = 0,
         raise ConfigError(f"cannot export {uncovered[0]}: BERT's {config.head!r} head has no such tensor")
     full = {ours: [n if n.startswith(("cls.", "classifier.")) else "bert." + n for n in theirs]
             for ours, theirs in names.items()}
-    write_checkpoint(path, hf_config, split_rows(full, state), documents)
+    tensors = split_rows(full, state)
+    if config.head == "mlm" and not config.tie_embeddings:  # untied, transformers 5 reads the decoder's own
+        tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"].clone()
+    write_checkpoint(path, hf_config, tensors, documents)
     log.info("saved BERT checkpoint (%s) to %s", hf_config["architectures"][0], path)
     return Path(path)
