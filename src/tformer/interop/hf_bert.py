@@ -149,6 +149,8 @@ def load_bert(path: str | os.PathLike, *, head: str | None = None, labels: Seque
         overrides["labels"] = tuple(labels)
     config = dataclasses.replace(config, **overrides)
     tensors, _ = read_safetensors(root, _canonical, "AutoModel")
+    if config.head == "mlm" and not config.tie_embeddings and "cls.predictions.decoder.bias" in tensors:
+        tensors["cls.predictions.bias"] = tensors["cls.predictions.decoder.bias"]  # untied: the one it adds
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Bert(config).state_dict().items()}
     state, problems = gather_tensors(tensor_names(config), tensors, shapes)
