@@ -85,8 +85,8 @@ def hf_twin(config: Any) -> Twin:
     candidates = [twin for twin in TWINS if isinstance(config, twin.config_type)]
     if not candidates:
         known = ", ".join(sorted({twin.config_type.__name__.removesuffix("Config") for twin in TWINS}))
-        raise ConfigError(f"a {kind} model has no Hugging Face twin tformer can write (models it exports: "
-                          f"{known}); export it with --format onnx instead")
+        raise ConfigError(f"a {kind} model has no Hugging Face twin tformer can write (it writes {known} "
+                          "models); a new twin is a Twin in interop.hf_export.TWINS")
     for twin in candidates:
         if not twin.problems(config):
             return twin
