@@ -3,6 +3,10 @@ config.json + model.safetensors (or a sharded index) in HF's layout. Pickles are
 
 HF GPT-2 stores its projections as `Conv1D` with weight (in, out); ours are `nn.Linear` with
 weight (out, in), so those matrices are transposed both ways. Transformers itself is not needed.
+A GPT without biases is written with zero biases, and a checkpoint whose biases are all zero
+loads without them. Also the pieces every family's import and export share: reading safetensors
+(`read_safetensors`, `gather_tensors`), writing a new checkpoint folder whole (`write_checkpoint`,
+`split_rows`, `refuse_edits`) and an imported run directory (`write_run`).
 """
 
 from __future__ import annotations
