@@ -62,10 +62,14 @@ def test_every_log_and_evaluation_row_carries_labelled_cumulative_energy(run, mo
     assert energies == sorted(energies) and energies[0] > 0  # cumulative
 
 
-def test_a_resumed_run_continues_the_energy_total(run):
-    before = run["rows_before"][-1]["energy_j"]
+def test_each_session_ends_with_its_total_and_a_resume_counts_on_from_it(run):
+    first_total = run["rows_before"][-1]
+    assert first_total["energy_total"] is True and first_total["step"] == 2
+    assert first_total["energy_j"] == run["first"].energy.joules  # the summary's total, checkpoint included
+    assert first_total["energy_j"] > max(r["energy_j"] for r in run["rows_before"][:-1])
     resumed = [r for r in run["rows"] if r["step"] > 2]
-    assert resumed[0]["energy_j"] > before  # counted on from the first session's total
+    assert resumed[0]["energy_j"] > first_total["energy_j"]  # counted on from the first session's total
+    assert [r["step"] for r in run["rows"] if r.get("energy_total")] == [2, 4]
 
 
 def test_the_summary_line_totals_and_the_energy_png(run):

@@ -278,9 +278,10 @@ class Trainer:
             self.save(self.last_path)
             log.warning("interrupted at step %d; checkpoint saved to %s, run the same command "
                         "again to resume", self.step, self.last_path)
-            return self._result(interrupted=True)
+            return self._result(interrupted=True, energy=self._log_energy_total())
+        energy = self._log_energy_total()
         self.reporter.plot()
-        return self._result()
+        return self._result(energy=energy)
 
     def check_data(self) -> None:
         """Build the validation batches now, so unusable data fails before training, not at
@@ -288,9 +289,9 @@ class Trainer:
         if not self._eval_batches:
             self._eval_batches = list(self.task.eval_batches(self.world.rank, self.world.size))
 
-    def _result(self, interrupted: bool = False) -> TrainResult:
+    def _result(self, interrupted: bool = False, energy: EnergyReading | None = None) -> TrainResult:
         return TrainResult(self.step, self.best_val_loss, self.last_val_loss, self.stopped_early,
-                           interrupted, self._session_energy())
+                           interrupted, energy or self._session_energy())
 
     # -- energy -----------------------------------------------------------------------------
     def _open_meter(self) -> None:
@@ -313,6 +314,13 @@ class Trainer:
         self.energy_logged = reading.joules
         self.session_work = (self.session_work[0] + self.seen[0], self.session_work[1] + self.seen[1])
         return window.fields()
+
+    def _log_energy_total(self) -> EnergyReading:
+        """The total so far as the session's last metrics row (`energy_total: true`: everything up to
+        the last checkpoint, so a resumed run counts on from all of it)."""
+        energy = self._session_energy()
+        self.reporter.log({"step": self.step, "energy_total": True, **energy.fields()})
+        return energy
 
     def _session_energy(self) -> EnergyReading | None:
         """The total so far, with the tokens and examples per J of this session's training."""
