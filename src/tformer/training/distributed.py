@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import weakref
 from collections.abc import Iterable, Iterator

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ConfigError
-from tformer.training import distributed
 from tformer.files import write_text_atomic
 from tformer.runs.memory import available_memory, human_bytes
+from tformer.training import distributed
 
 log = logging.getLogger(__name__)
 
