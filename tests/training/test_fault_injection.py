@@ -83,11 +83,15 @@ def write_recipe(tmp: Path, name: str) -> Path:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    """Metrics rows without the timings (which differ between runs)."""
+    """Metrics rows without the measurements that differ between runs (timings, energy, CO2)."""
+    def measured(key: str) -> bool:
+        return key in ("tokens_per_s", "examples_per_s") or "energy" in key or key.endswith("_per_j") \
+            or key.startswith("co2")
+
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out.append({k: v for k, v in row.items() if k not in ("tokens_per_s", "examples_per_s")})
+        out.append({k: v for k, v in row.items() if not measured(k)})
     return out
 
 

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 MARKER, LOCK = ".tformer-run", ".tformer-run.lock"
 MARKER_FORMAT = 1
-OUTPUTS = ("metrics.jsonl", "samples.txt", "samples.png", "loss.png", "tokenizer.json", "memory_plan.json")
+OUTPUTS = ("metrics.jsonl", "samples.txt", "samples.png", "loss.png", "energy.png", "tokenizer.json",
+           "memory_plan.json")
 CHECKPOINT_NAMES = ("last", "best")
 
 
