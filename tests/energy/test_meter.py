@@ -142,6 +142,17 @@ def test_without_nvml_the_gpu_is_not_claimed_measured(monkeypatch, tmp_path):
     assert visible_gpu(0) == 0
 
 
+def test_a_gpu_without_nvml_makes_even_rapl_readings_estimates(monkeypatch, powercap):
+    """RAPL counts the CPU package only: a GPU run whose GPU cannot be read is not 'measured'."""
+    root, _ = powercap
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert EnergyMeter.open(powercap=root).method == "measured"  # a CPU run: RAPL is all of it
+    meter = EnergyMeter.open(gpu_index=0, powercap=root)
+    assert meter.method == "estimated" and "gpu-not-counted" in meter.source
+    other_rank = EnergyMeter.open(gpu_index=1, powercap=root, local_rank=1)
+    assert other_rank.method == "estimated" and "gpu-not-counted" in other_rank.source
+
+
 def test_carbon_codes_world_default_and_unknown_country(monkeypatch):
     monkeypatch.delenv("TFORMER_COUNTRY", raising=False)
     france = carbon.intensity("fr")

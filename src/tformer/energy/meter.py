@@ -83,10 +83,14 @@ class EnergyMeter:
     gives the sum to `reading(joules)`. RAPL counts the whole CPU package, so on a machine with
     several processes only local rank 0 reads it (`local_rank`); the others add their GPU only."""
 
-    def __init__(self, sources: Sequence[Source], carbon: CarbonIntensity, *, note: str = "") -> None:
+    def __init__(self, sources: Sequence[Source], carbon: CarbonIntensity, *, note: str = "",
+                 missing: str = "") -> None:
+        """`missing`: a part of the machine that is used but not counted (e.g. a GPU without
+        NVML); the readings are then estimates, whatever the other sources are."""
         self.sources, self.carbon = list(sources), carbon
-        self.method = "measured" if all(s.measured for s in self.sources) else "estimated"
-        self.source = "+".join([describe(s) for s in self.sources] + ([note] if note else []))
+        measured = all(s.measured for s in self.sources) and not missing
+        self.method = "measured" if measured else "estimated"
+        self.source = "+".join([describe(s) for s in self.sources] + [part for part in (note, missing) if part])
 
     @classmethod
     def open(cls, *, gpu_index: int | None = None, country: str | None = None,
@@ -101,11 +105,12 @@ class EnergyMeter:
         gpu = NvmlSource.find(gpu_index) if gpu_index is not None else None
         if gpu is not None:
             sources.append(gpu)
+        missing = "gpu-not-counted(no NVML: pip install nvidia-ml-py)" if gpu_index is not None and gpu is None else ""
         rapl = RaplSource.find(powercap)
         if rapl is not None and local_rank > 0:  # the package is counted once, by local rank 0
-            return cls(sources, intensity, note="rapl@local-rank-0")
+            return cls(sources, intensity, note="rapl@local-rank-0", missing=missing)
         sources.append(rapl if rapl is not None else CpuTimeSource(watts))
-        return cls(sources, intensity)
+        return cls(sources, intensity, missing=missing)
 
     def joules(self) -> float:
         """This process's energy since the meter was opened."""
