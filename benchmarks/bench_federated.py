@@ -22,6 +22,7 @@ epoch), R = 3, S = 1; ViT (d 64, 2 layers) T = 200 steps of 32 images (0.8 epoch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -110,12 +111,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tasks", default="minilm,vit")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "federated.json")
+    parser.add_argument("--size", action="append", default=[], metavar="TASK:STEPS:ROUNDS",
+                        help="another size for a task, e.g. minilm:100:10 (local steps = STEPS / (ROUNDS x 10))")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     results: dict[str, Any] = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "load_before": Path("/proc/loadavg").read_text().split()[:3], "tasks": {}}
     for task in args.tasks.split(","):
         setup = setups(args.base)[task]
+        for size in args.size:
+            name, steps, rounds = size.split(":")
+            if name == task:
+                setup = dataclasses.replace(setup, steps=int(steps), rounds=int(rounds))
         out = args.out / task
         central = centralised(setup, out)
         print(f"{task}: centralised accuracy {central['accuracy']:.4f} ({central['seconds']:.0f} s)", flush=True)
