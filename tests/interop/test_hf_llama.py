@@ -83,7 +83,10 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(tmp_path: Path, ov
     ({"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_parameters": None}, "RoPE scaling 'linear'"),
     ({"attention_bias": True}, "attention_bias=True and mlp_bias=False"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"), ({"model_type": "mistral"}, "only 'llama'"),
-    ({"head_dim": 16}, "head_dim=16")])
+    ({"head_dim": 16}, "head_dim=16"),
+    ({"rope_scaling": {"factor": 2.0}, "rope_parameters": None}, "RoPE scaling 'factor 2.0"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0 .* whole number"),
+    ({"hidden_size": "64"}, "hidden_size='64' .* whole number")])
 def test_what_tformer_cannot_hold_is_refused_in_one_line(tmp_path: Path, change: dict, message: str) -> None:
     make_hf(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

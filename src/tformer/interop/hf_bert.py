@@ -19,7 +19,7 @@ import torch
 
 from tformer.config import ConfigError, check_choice
 from tformer.files import read_json
-from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+from tformer.interop.huggingface import (CONFIG_FILE, check_counts, check_empty_output, dtype_name, gather_tensors,
                                          load_checkpoint_tokenizer, read_safetensors, refuse_edits, split_rows,
                                          write_checkpoint, write_run)
 from tformer.models.bert import HEADS, Bert, BertConfig
@@ -59,6 +59,8 @@ def hf_config_to_bert(hf: dict, where: str, *, head: str | None = None) -> BertC
     if act not in HF_ACTIVATIONS:
         raise ConfigError(f"hidden_act={act!r} in {where} is not supported; choose one of "
                           f"{sorted(HF_ACTIVATIONS)}")
+    check_counts(hf, ("vocab_size", "max_position_embeddings", "type_vocab_size", "num_hidden_layers",
+                      "num_attention_heads", "hidden_size", "intermediate_size", "num_labels"), where)
     if head is None:
         arch = (hf.get("architectures") or ["BertModel"])[0]
         head = ARCHITECTURE_HEADS.get(arch, "none")

@@ -22,7 +22,7 @@ import torch
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+from tformer.interop.huggingface import (CONFIG_FILE, check_counts, check_empty_output, dtype_name, gather_tensors,
                                          load_checkpoint_tokenizer, read_safetensors, refuse_edits,
                                          shared_gpt_problems, split_rows, write_checkpoint, write_run)
 from tformer.models.gpt import GPT, GPTConfig
@@ -72,6 +72,8 @@ def _rope_base(hf: dict, where: str) -> float:
     """rope_theta of a default (unscaled) RoPE; scaled variants are refused in one line."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default" and rope.get("factor") not in (None, 1, 1.0):
+        kind = f"factor {rope['factor']} without a rope_type"
     if kind != "default":
         raise ConfigError(f"RoPE scaling {kind!r} in {where} is not supported: tformer's rotary "
                           "embedding has plain frequencies base^(-2i/d) only (rope_type 'default')")
@@ -89,6 +91,8 @@ def hf_config_to_gpt(hf: dict, where: str) -> GPTConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={hf['hidden_act']!r} in {where} is not supported: tformer's SwiGLU "
                           "gates with silu")
+    check_counts(hf, ("vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "hidden_size", "intermediate_size", "head_dim"), where)
     bias = bool(hf.get("attention_bias", False))
     if bool(hf.get("mlp_bias", False)) != bias:
         raise ConfigError(f"attention_bias={bias} and mlp_bias={hf.get('mlp_bias')} in {where}: tformer's GPT "

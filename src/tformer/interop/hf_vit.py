@@ -19,7 +19,7 @@ import torch
 
 from tformer.config import ConfigError
 from tformer.files import read_json
-from tformer.interop.huggingface import (CONFIG_FILE, check_empty_output, dtype_name, gather_tensors,
+from tformer.interop.huggingface import (CONFIG_FILE, check_counts, check_empty_output, dtype_name, gather_tensors,
                                          read_safetensors, refuse_edits, split_rows, write_checkpoint, write_run)
 from tformer.models.vit import ViT, ViTConfig
 
@@ -62,6 +62,8 @@ def hf_config_to_vit(hf: dict, where: str, *, labels: Sequence[str] | None = Non
     if act not in HF_ACTIVATIONS:
         raise ConfigError(f"hidden_act={act!r} in {where} is not supported; choose one of "
                           f"{sorted(HF_ACTIVATIONS)}")
+    check_counts(hf, ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                      "num_channels", "num_labels", "head_dim"), where)
     d_model, n_heads = hf.get("hidden_size", 768), hf.get("num_attention_heads", 12)
     if hf.get("head_dim") not in (None, d_model // n_heads):
         raise ConfigError(f"head_dim={hf['head_dim']} in {where} is not supported (only hidden_size / "

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -59,6 +59,7 @@ def _hf_config_to_gpt(hf: dict, where: str) -> GPTConfig:
         if hf.get(key, allowed) != allowed:
             raise ConfigError(f"{key}={hf[key]!r} in {where} is not supported by tformer's GPT "
                               f"(only {allowed!r})")
+    check_counts(hf, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"), where)
     c = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in HF_DEFAULTS}}
     if c["activation_function"] not in HF_ACTIVATIONS:
         raise ConfigError(f"activation_function={c['activation_function']!r} in {where} is not "
@@ -339,6 +340,14 @@ def read_safetensors(root: Path, rename: Callable[[str], str], hf_class: str
                 tensors[rename(name)] = f.get_tensor(name)
                 stored[rename(name)] = name
     return tensors, stored
+
+
+def check_counts(hf: dict, keys: Sequence[str], where: str) -> None:
+    """Sizes in an HF config.json (layers, heads, widths) are whole numbers >= 1 where given."""
+    for key in keys:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r} in {where} must be a whole number >= 1")
 
 
 def check_empty_output(out_dir: Path) -> None:
