@@ -179,8 +179,9 @@ def decode_cases(args: argparse.Namespace, work: Path, prompt: torch.Tensor) -> 
     int8 = copy.deepcopy(model)
     quantize(int8, "int8")
     folder, folder18 = exported(model, work / "gpt2-small", 23), exported(model, work / "gpt2-small", 18)
-    from tformer.interop.huggingface import save_gpt2
     from transformers import GPT2LMHeadModel
+
+    from tformer.interop.huggingface import save_gpt2
 
     save_gpt2(model, work / "gpt2-small-hf") if not (work / "gpt2-small-hf").exists() else None
     hf = GPT2LMHeadModel.from_pretrained(str(work / "gpt2-small-hf"), attn_implementation="eager").eval()

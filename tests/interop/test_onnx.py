@@ -21,22 +21,22 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tformer.inference.generate import generate  # noqa: E402
-from tformer.inference.translate import translate, translate_ids  # noqa: E402
-from tformer.interop import onnx_export  # noqa: E402
-from tformer.interop.onnx_decode import OnnxModel  # noqa: E402
-from tformer.interop.onnx_export import OnnxExportError, export_onnx  # noqa: E402
-from tformer.models.bert import BertConfig  # noqa: E402
-from tformer.models.edits import note_edit  # noqa: E402
-from tformer.models.gpt import GPTConfig  # noqa: E402
-from tformer.models.image_gen import ImageGenConfig  # noqa: E402
-from tformer.models.record import record_of  # noqa: E402
-from tformer.models.registry import build_model  # noqa: E402
-from tformer.models.seq2seq import Seq2SeqConfig  # noqa: E402
-from tformer.models.transformer_xl import TransformerXLConfig  # noqa: E402
-from tformer.models.vit import ViTConfig  # noqa: E402
-from tformer.runs import Run  # noqa: E402
-from tformer.tokenizers import CharTokenizer  # noqa: E402
+from tformer.inference.generate import generate
+from tformer.inference.translate import translate, translate_ids
+from tformer.interop import onnx_export
+from tformer.interop.onnx_decode import OnnxModel
+from tformer.interop.onnx_export import OnnxExportError, export_onnx
+from tformer.models.bert import BertConfig
+from tformer.models.edits import note_edit
+from tformer.models.gpt import GPTConfig
+from tformer.models.image_gen import ImageGenConfig
+from tformer.models.record import record_of
+from tformer.models.registry import build_model
+from tformer.models.seq2seq import Seq2SeqConfig
+from tformer.models.transformer_xl import TransformerXLConfig
+from tformer.models.vit import ViTConfig
+from tformer.runs import Run
+from tformer.tokenizers import CharTokenizer
 
 TOL = 1e-4
 LEVELS = ("disable", "all")  # no graph optimisation; onnxruntime's default (ORT_ENABLE_ALL)
@@ -221,7 +221,7 @@ def test_image_tokens_equal_tformer(exported: dict) -> None:
 
 def test_sampling_is_seeded_and_filtered(exported: dict) -> None:
     _, onnx_model = opened(exported, "gpt", "all")
-    options = dict(temperature=0.9, top_k=5, top_p=0.9)
+    options = {"temperature": 0.9, "top_k": 5, "top_p": 0.9}
     a = onnx_model.generate([[1, 2], [3]], 12, seed=3, **options)
     assert np.array_equal(a, onnx_model.generate([[1, 2], [3]], 12, seed=3, **options))
     assert not np.array_equal(a, onnx_model.generate([[1, 2], [3]], 12, seed=4, **options))
@@ -243,7 +243,7 @@ def test_decoder_imports_no_torch(exported: dict) -> None:
         print(OnnxModel({str(folder)!r}).generate([[1, 2, 3]], 5).tolist())
         assert "torch" not in sys.modules
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     model = exported["gpt"][0]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == generate(model, [[1, 2, 3]], 5).tolist()

@@ -16,8 +16,9 @@ tokens differ from torch's sampler, the distribution is the same).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

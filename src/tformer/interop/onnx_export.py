@@ -20,12 +20,12 @@ is renamed into place only when all agree.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +35,18 @@ from torch.export import Dim
 from tformer.config import ConfigError
 from tformer.files import atomic_directory, write_json_atomic
 from tformer.interop.huggingface import check_empty_output
-from tformer.interop.onnx_graphs import Classify, CausalStep, ConditionalPrefill, ConditionalStep
+from tformer.interop.onnx_graphs import CausalStep, Classify, ConditionalPrefill, ConditionalStep
 from tformer.models.edits import edit_kinds
-from tformer.models.protocols import (CausalLM, Classifier, ConditionalDecoder, ImageClassifier, MemoryLM,
-                                      TextClassifier, can, capabilities)
+from tformer.models.protocols import (
+    CausalLM,
+    Classifier,
+    ConditionalDecoder,
+    ImageClassifier,
+    MemoryLM,
+    TextClassifier,
+    can,
+    capabilities,
+)
 from tformer.models.record import FAMILY_KEY
 from tformer.nn.attend import sdpa_attend
 from tformer.runs import Run, open_run
@@ -159,7 +167,7 @@ def classifier_graphs(model: nn.Module) -> tuple[list[Graph], dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     if isinstance(model, ImageClassifier):
         height, width, channels = model.image_shape
-        images = lambda b: (torch.rand(b, channels, height, width, generator=g),)  # noqa: E731
+        images = lambda b: (torch.rand(b, channels, height, width, generator=g),)
         graph = Graph("classifier", Classify(model, with_mask=False), ["images"], ["logits"], images(2),
                       ({0: Dim("batch")},), [images(1), images(3)])
         return [graph], {"image_shape": [height, width, channels]}
@@ -202,9 +210,9 @@ def check_opset(opset: int | None) -> int:
     """The opset to write: DEFAULT_OPSET, or one the exporter and onnx know."""
     import onnx
 
-    if opset is None:
-        return DEFAULT_OPSET
     newest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        return max(MIN_OPSET, min(DEFAULT_OPSET, newest))
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise OnnxExportError(f"opset must be a whole number from {MIN_OPSET} (the oldest torch's dynamo exporter "
                               f"writes) to {newest} (the newest the installed onnx knows), got {opset!r}")
