@@ -10,7 +10,15 @@ process holds: weights or shards, gradients, AdamW state, DDP's buckets, FSDP2's
 activations, libraries); "after set-up" = VmRSS before the first step (no optimizer state yet).
 fp32, one intra-op thread per process (torchrun's OMP_NUM_THREADS=1).
 
+Resident memory depends on glibc's allocator, and FSDP2 frees and reallocates every block's
+gathered parameters (28 MiB for a GPT-2-small block) twice a step: `--malloc live`
+(MALLOC_MMAP_THRESHOLD_=1 MiB: blocks of 1 MiB and more go back to the kernel when freed, RSS
+follows live memory); `default` (glibc's dynamic threshold rises to 32 MiB after the first frees,
+so freed blocks below it stay resident and the peak grows step by step); `keep` (what the CLI
+sets, `cpu.keep_freed_memory`: freed blocks stay resident for reuse).
+
     flock /tmp/bench.lock python benchmarks/bench_fsdp.py                       # gpt2-small
+    flock /tmp/bench.lock python benchmarks/bench_fsdp.py --malloc default
     python benchmarks/bench_fsdp.py --preset gpt-mini --batch 8 --context 128
 """
 
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tformer import cpu
 from tformer.models import build_model
 from tformer.training import CausalLMTask, TrainConfig, Trainer, distributed
 
@@ -47,6 +56,8 @@ def status_mib(field: str) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, train `warmup + steps` steps, gather every rank's numbers to rank 0."""
+    if args.malloc == "keep":
+        cpu.keep_freed_memory()
     world = distributed.setup("cpu", args.strategy)
     torch.manual_seed(0)
     model = build_model(args.preset, context_length=args.context)
@@ -85,8 +96,11 @@ def run_case(args: argparse.Namespace, strategy: str, port: int) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(port), __file__, "--worker", "--strategy", strategy, "--out", out.name,
                "--preset", args.preset, "--batch", str(args.batch), "--context", str(args.context),
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--malloc", args.malloc]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        if args.malloc == "live":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise SystemExit(f"{strategy} failed:\n{proc.stderr[-3000:]}")
         return json.loads(Path(out.name).read_text())
@@ -100,6 +114,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--malloc", choices=("live", "default", "keep"), default="live",
+                        help="glibc allocator setting (see the module docstring)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -108,7 +124,8 @@ def main() -> None:
         worker(args)
         return
     print(f"{args.preset}, {args.batch} x {args.context} tokens per step over 2 processes, fp32, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"malloc {args.malloc}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}; "
           f"load {os.getloadavg()[0]:.1f}")
     results: dict[str, list[list[dict]]] = {s: [] for s in STRATEGIES}
     for round_ in range(args.rounds):
