@@ -1,6 +1,10 @@
 """Run a federation on one machine with Flower's simulation runtime (Ray actors play the clients;
 no network is needed). One actor per `cpus_per_client` cores runs at a time; each actor builds
-the recipe's model and data once and plays every client it is handed."""
+the recipe's model and data once and plays every client it is handed.
+
+Flower 1.42 marks `run_simulation` deprecated (it logs so) in favour of `flwr run` against a
+SuperLink started with `--simulation`; it still runs offline here, and the apps are the same ones
+the multi-process deployment (`deploy`) runs, so moving over touches this module only."""
 
 from __future__ import annotations
 
