@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tformer.config import ConfigError
+from tformer.training.tasks.base import can_partition
 
 KINDS = ("iid", "dirichlet", "groups")
 DEFAULT_GROUP_COLUMN = "source"
@@ -113,7 +114,7 @@ def by_groups(groups: np.ndarray, n_clients: int, column: str) -> list[np.ndarra
 def partition(task: object, spec: PartitionSpec, n_clients: int, seed: int) -> list[np.ndarray]:
     """The training-example indices of each of `n_clients` clients, for a task that can be
     partitioned (tasks.base.Partitionable); one clear line for a task that cannot."""
-    if not callable(getattr(task, "example_labels", None)) or not callable(getattr(task, "keep_training", None)):
+    if not can_partition(task):
         raise ConfigError(f"the {getattr(task, 'name', type(task).__name__)} task cannot be partitioned among "
                           "clients: federated learning needs a task whose training examples have labels "
                           "(classification, image_classification)")

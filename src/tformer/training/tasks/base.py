@@ -91,6 +91,7 @@ class Partitionable(Protocol):
 
 
 def can_partition(task: object) -> bool:
+    """Whether `task` offers `Partitionable`'s methods (federated learning refuses it otherwise)."""
     return all(callable(getattr(task, name, None)) for name in ("example_labels", "keep_training"))
 
 
