@@ -55,3 +55,23 @@ def test_foreign_folder_is_refused(tmp_path, one_line_error):
     message = one_line_error(lambda: global_model(spec(tmp_path), fresh=True).__enter__())
     assert "not a tformer run directory" in message
     assert [p.name for p in (tmp_path / "fed").iterdir()] == ["thesis.tex"]
+
+
+def test_more_rounds_on_a_resume_keep_the_steps_per_round(tmp_path):
+    """Local steps left to the default follow --rounds; a resume asking for more rounds keeps the
+    steps per round the federation started with (else the step count would run backwards)."""
+    first = spec(tmp_path, local_steps=0, rounds=2)
+    assert first.steps_per_round == 1  # max_steps 4 over 2 rounds x 2 clients
+    with global_model(first, fresh=False) as server:
+        for r in (0, 1):
+            server.evaluate(r, server.arrays())
+    more = spec(tmp_path, local_steps=0, rounds=4)
+    with global_model(more, fresh=False) as server:
+        assert server.spec.steps_per_round == 1 and server.done == 1
+    longer = recipe_from_dict({**TINY, "training": {**TINY["training"], "max_steps": 40},
+                               "run_dir": str(tmp_path / "central")}).to_dict()
+    with global_model(spec(tmp_path, local_steps=0, rounds=4, recipe=longer), fresh=False) as server:
+        assert server.spec.steps_per_round == 1  # the saved schedule, not 40 / (4 x 2) = 5
+    with pytest.raises(ValueError, match="local_steps=1, not 3"), \
+            global_model(spec(tmp_path, local_steps=3, rounds=4), fresh=False):
+        pass

@@ -78,7 +78,8 @@ class GlobalModel:
                 (self.out / name).unlink(missing_ok=True)
         self._truncate(self.done)
         rundir.write_marker(self.out, finished=False)
-        write_json_atomic(self.out / SPEC_FILE, json.loads(self.spec.to_json()), indent=1)
+        saved = {**json.loads(self.spec.to_json()), "steps_per_round": self.spec.steps_per_round}
+        write_json_atomic(self.out / SPEC_FILE, saved, indent=1)
         if self.prepared.tokenizer is not None:
             self.prepared.tokenizer.save(self.out / TOKENIZER_FILE)
         self.trainer.check_data()
@@ -150,7 +151,8 @@ def global_model(spec: FederationSpec, fresh: bool) -> Iterator[GlobalModel]:
     if not spec.out:
         raise ConfigError("the federation has no output folder (--out)")
     rundir.refuse_foreign(rundir.survey(spec.out), fresh)  # before the lock file is made there
-    server = GlobalModel(spec)  # the data is read and the model built before anything is written
+    resuming = not fresh and (Path(spec.out) / "checkpoints" / "last" / checkpoint.MANIFEST).is_file()
+    server = GlobalModel(spec.keeping_schedule(Path(spec.out) / SPEC_FILE) if resuming else spec)  # the data is read and the model built before anything is written
     with rundir.locked(spec.out):
         server.open(fresh)
         yield server

@@ -86,10 +86,25 @@ class FederationSpec:
     def from_json(cls, text: str) -> FederationSpec:
         return cls(**json.loads(text))
 
+    def keeping_schedule(self, saved_file: Path) -> FederationSpec:
+        """This spec resuming the federation saved in `saved_file` (if any): local steps left to
+        the default keep the steps per round it started with (they follow --rounds, which may grow
+        on a resume; the steps would otherwise shrink and the step count run backwards)."""
+        if self.local_steps or not saved_file.is_file():
+            return self
+        try:
+            steps = json.loads(saved_file.read_text(encoding="utf-8")).get("steps_per_round")
+        except (OSError, ValueError, AttributeError):
+            return self  # same_federation names the unreadable file
+        return dataclasses.replace(self, local_steps=steps) if isinstance(steps, int) and steps > 0 else self
+
     def same_federation(self, saved: dict[str, Any]) -> None:
         """A resume continues the same federation (more rounds allowed): recipe sections that decide
         the model and data, clients, partition, strategy and local steps must match."""
         mine = json.loads(self.to_json())
+        if "steps_per_round" in saved:  # compare what was run, however it was asked for
+            saved = {**saved, "local_steps": saved["steps_per_round"]}
+            mine["local_steps"] = self.steps_per_round
         keys = ("clients", "partition", "strategy", "mu", "fraction", "local_steps", "seed", "dp_noise", "dp_clip")
         for key in keys:
             if saved.get(key) != mine[key]:

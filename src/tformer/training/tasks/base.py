@@ -162,3 +162,8 @@ def data_fingerprint(parts: Iterable[str | bytes | np.ndarray]) -> dict[str, str
             part, np.ndarray) else bytes(part)
         digest.update(hashlib.sha256(data).digest())
     return {"data_sha256": digest.hexdigest()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights are: a task judging a model moves its CPU batches there."""
+    return next(model.parameters(), torch.empty(0)).device

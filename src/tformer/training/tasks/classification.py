@@ -44,7 +44,8 @@ from tformer.data.labelled import (
 from tformer.metrics.classification import classification_metrics, plot_confusion
 from tformer.models.protocols import TextClassifier
 from tformer.training.settings import TaskSettings, TrainConfig
-from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
+from tformer.training.tasks.base import (Batch, EpochSampler, TaskData, data_fingerprint, eval_shards,
+                                         model_device)
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,10 @@ class ClassificationTask:
         if not self.label_names or not self.val_texts:
             return []
         batch = self._batch(self.val_rows[:5], self.val_labels[:5])
+        device = model_device(model)
         with torch.no_grad():
-            guesses = model(batch["ids"], attention_mask=batch["attention_mask"]).argmax(-1).tolist()
+            guesses = model(batch["ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            guesses = guesses.argmax(-1).tolist()
         return [f"[{self.label_names[g]} / true {self.label_names[int(t)]}] {text}"
                 for g, t, text in zip(guesses, batch["labels"], self.val_texts)]
 
@@ -222,13 +225,13 @@ def predict(model: nn.Module, rows: list[np.ndarray], pad_id: int, batch_size: i
     """The most likely class of each encoded sentence (eval mode; batched by length, returned in
     the order of `rows`)."""
     was_training, order = model.training, np.argsort([len(r) for r in rows], kind="stable")
-    predicted = np.zeros(len(rows), dtype=np.int64)
+    predicted, device = np.zeros(len(rows), dtype=np.int64), model_device(model)
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             index = order[start:start + batch_size]
             ids, mask = pad_rows([rows[i] for i in index], pad_id)
-            predicted[index] = model(ids, attention_mask=mask).argmax(-1).numpy()
+            predicted[index] = model(ids.to(device), attention_mask=mask.to(device)).argmax(-1).cpu().numpy()
     model.train(was_training)
     return predicted
 
@@ -338,3 +341,4 @@ def evaluate(settings: TaskSettings, model: nn.Module, tokenizer: Any) -> dict[s
     result.update({f"f1[{name}]": f1 for name, f1 in zip(config.labels, metrics["f1"])})
     return {**result, "labels": list(config.labels), "confusion": metrics["confusion"].tolist(),
             "confusion_png": str(png)}
+

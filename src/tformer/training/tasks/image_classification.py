@@ -41,7 +41,8 @@ from tformer.models.protocols import ImageClassifier
 from tformer.models.vit import normalise
 from tformer.nn.modes import evaluating
 from tformer.training.settings import TaskSettings, TrainConfig
-from tformer.training.tasks.base import Batch, EpochSampler, TaskData, data_fingerprint, eval_shards
+from tformer.training.tasks.base import (Batch, EpochSampler, TaskData, data_fingerprint, eval_shards,
+                                         model_device)
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,11 @@ class ImageClassificationTask:
     @torch.no_grad()
     def accuracy(self, model: nn.Module) -> float:
         """The share of validation images whose predicted class is the true one."""
-        right = 0
+        right, device = 0, model_device(model)
         with evaluating(model):
             for batch in self.eval_batches(0, 1):
-                right += int((model(batch["images"]).argmax(-1) == batch["labels"]).sum())
+                guesses = model(batch["images"].to(device)).argmax(-1).cpu()
+                right += int((guesses == batch["labels"]).sum())
         return right / len(self.val_labels)
 
 
