@@ -88,7 +88,7 @@ def test_cpu_time_estimate_is_seconds_times_watts(monkeypatch):
     monkeypatch.setenv("TFORMER_WATTS_PER_CORE", "3")
     assert "cpu-time@3W/core" in EnergyMeter.open(powercap=Path("/nonexistent")).source
     monkeypatch.setenv("TFORMER_WATTS_PER_CORE", "lots")
-    with pytest.raises(ValueError, match="TFORMER_WATTS_PER_CORE='lots' is not a number"):
+    with pytest.raises(ValueError, match="TFORMER_WATTS_PER_CORE='lots' is not a positive number"):
         EnergyMeter.open()
     with pytest.raises(ValueError, match="positive"):
         CpuTimeSource(0.0)

@@ -107,3 +107,23 @@ def test_an_unknown_country_is_one_line(run, capsys, monkeypatch):
     assert main(["evaluate", str(run["dir"])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown country code 'Atlantis'") and err.count("\n") == 1
+
+
+def test_country_flag_prices_the_run_and_bad_settings_clear_nothing(run, monkeypatch, capsys):
+    """--country picks the carbon intensity; a bad code or power figure is one line, refused before
+    the run directory changes (a --fresh start clears the old run only after every check)."""
+    before = sorted(p.relative_to(run["dir"]) for p in run["dir"].rglob("*"))
+    resume = str(run["root"] / "resume.yaml")
+    assert main(["train", resume, "--fresh", "--country", "XX"]) == 2
+    assert "unknown country code 'XX'" in capsys.readouterr().err
+    monkeypatch.setenv("TFORMER_WATTS_PER_CORE", "-3")
+    assert main(["train", resume, "--fresh"]) == 2
+    assert "TFORMER_WATTS_PER_CORE='-3' is not a positive number" in capsys.readouterr().err
+    monkeypatch.delenv("TFORMER_WATTS_PER_CORE")
+    monkeypatch.setenv("TFORMER_COUNTRY", "nowhere")
+    with pytest.raises(ValueError, match="unknown country code"):
+        train_recipe(recipe_from_dict(recipe(run["root"], 4)), fresh=True)
+    assert sorted(p.relative_to(run["dir"]) for p in run["dir"].rglob("*")) == before
+    monkeypatch.delenv("TFORMER_COUNTRY")
+    assert main(["evaluate", str(run["dir"]), "--country", "FR"]) == 0
+    assert "g/kWh (FR, 2023)" in capsys.readouterr().out

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from tformer import __version__, cpu
+from tformer import __version__, cpu, energy
 from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
 from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def energy_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--country", default=None, metavar="CODE", help="price the run's energy at this country's "
+                   "grid carbon intensity (ISO alpha-2/alpha-3, e.g. FR; default: $TFORMER_COUNTRY, else the "
+                   "world average)")
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=finite_number, default=None, help="0 = greedy (default: 0.8 for "
                    "text, the recipe's for images)")
@@ -86,6 +93,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     """train, demo."""
     p = sub.add_parser("train", help="train from a recipe (resumes an interrupted run)")
+    energy_option(p)
     p.add_argument("recipe", help="a recipe YAML file or a shipped recipe name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. training.lr=3e-4")
     p.add_argument("--fresh", action="store_true", help="discard the run directory's checkpoints")
@@ -110,6 +118,7 @@ def _precision_option(p: argparse.ArgumentParser) -> None:
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     """generate, translate, predict, evaluate, explain: options may come before or after the inputs."""
     p = sub.add_parser("generate", help="stream text from a trained run")
+    energy_option(p)
     p.add_argument("run_dir")
     p.add_argument("--prompt", default=None, help="text to continue (default: a new line); for an image "
                    "generator, one condition (a class name or a prompt)")
@@ -127,6 +136,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("translate", help="translate sentences with a trained seq2seq run")
+    energy_option(p)
     p.add_argument("run_dir")
     p.add_argument("text", nargs="*", default=[], help="sentences (default: --input, else standard input; "
                    "one per line)")
@@ -143,6 +153,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="what a trained run's model does, on your inputs: classify "
                        "sentences or images, continue prompts, translate, draw")
+    energy_option(p)
     p.add_argument("run_dir")
     p.add_argument("inputs", nargs="*", default=[], help="sentences, image files, prompts or conditions (default: "
                    "--file, else standard input, one per line)")
@@ -161,6 +172,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evaluate", help="the task's metrics of a trained run (loss, perplexity, accuracy, "
                        "BLEU, ...), or a language model's score on your text (--text)")
+    energy_option(p)
     p.add_argument("run_dir")
     p.add_argument("--text", default=None, metavar="FILE", help="score a UTF-8 text file: loss in nats and "
                    "bits per token and per character, perplexity (characters a character tokenizer "
@@ -225,6 +237,14 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
+def choose_country(country: str | None) -> None:
+    """--country for every meter of this process and the processes it starts (torchrun's, Flower's);
+    a bad code, or a bad $TFORMER_COUNTRY / $TFORMER_WATTS_PER_CORE, is refused before any work."""
+    energy.check_settings(country)
+    if country is not None:
+        os.environ[energy.carbon.COUNTRY_VARIABLE] = country
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit status: 0, 2 for bad input, 130 for Ctrl-C."""
     parser = build_parser()
@@ -236,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
+        choose_country(getattr(args, "country", None))
         cpu.keep_freed_memory()  # fewer page faults per training step (see tformer.cpu)
         with cpu.restored_threads():  # a Python caller of main() keeps its own count
             cpu.thread_policy()  # beside busy processes, fewer threads than cores (the Trainer re-checks)

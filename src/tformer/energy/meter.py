@@ -125,3 +125,11 @@ class EnergyMeter:
 def describe(source: Source) -> str:
     watts = getattr(source, "watts_per_core", None)
     return source.name if watts is None else f"{source.name}@{watts:g}W/core"
+
+
+def check_settings(country: str | None = None, watts_per_core: float | None = None) -> None:
+    """Check now what a meter would read later (the country's carbon intensity, else
+    $TFORMER_COUNTRY; the power figure, else $TFORMER_WATTS_PER_CORE), so that a bad one is refused
+    in one line before a run changes anything."""
+    watts_per_core_setting(watts_per_core)
+    carbon_table.intensity(country)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -140,12 +141,16 @@ class CpuTimeSource:
 def watts_per_core_setting(value: float | None = None) -> float:
     """`value`, else $TFORMER_WATTS_PER_CORE, else WATTS_PER_CORE; a bad value is one line."""
     if value is not None:
-        return value
-    text = os.environ.get(WATTS_VARIABLE)
-    if not text:
-        return WATTS_PER_CORE
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{WATTS_VARIABLE}={text!r} is not a number of watts; e.g. "
-                         f"{WATTS_VARIABLE}=6.25") from None
+        watts, where = float(value), "watts_per_core"
+    else:
+        text = os.environ.get(WATTS_VARIABLE)
+        if not text:
+            return WATTS_PER_CORE
+        try:
+            watts, where = float(text), WATTS_VARIABLE
+        except ValueError:
+            watts, where = math.nan, WATTS_VARIABLE
+    if not (math.isfinite(watts) and watts > 0):
+        raise ValueError(f"{where}={value if value is not None else text!r} is not a positive number of "
+                         f"watts per core; e.g. {WATTS_VARIABLE}=6.25")
+    return watts

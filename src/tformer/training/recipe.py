@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
+from tformer import energy
 from tformer.config import ConfigError, apply_overrides, check_choice, did_you_mean, from_dict, load_mapping
 from tformer.runs import checkpoint
 from tformer.runs.run import HAS_TOKENIZER, TOKENIZER_FILE, open_run
@@ -250,7 +251,8 @@ def train_recipe(recipe: Recipe, *, fresh: bool = False) -> TrainResult:
     process at a time. Everything is built and checked before the run directory is changed, so a
     bad recipe never costs an earlier run its checkpoints. Under torchrun, rank 0 builds the
     tokenizer and token cache first; the others then reuse them."""
-    world = distributed.setup(recipe.training.device)
+    energy.check_settings()  # a bad $TFORMER_COUNTRY / $TFORMER_WATTS_PER_CORE, before anything is cleared
+    world = distributed.setup(recipe.training.device, recipe.training.strategy)  # fsdp2 without torchrun too
     run_dir = Path(recipe.run_dir)
     last = run_dir / "checkpoints" / "last"
     try:
