@@ -6,11 +6,12 @@ resumed by 2). Bad launches are refused in one line."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -28,41 +29,50 @@ from tformer.training import CausalLMTask, TrainConfig, Trainer, distributed, me
 STEPS, KILL_AT = 8, 6  # checkpoints every 4 steps: a kill at step 6 resumes from step 4
 
 
-
-def _rank(rank: int, port: int, argv: list[str], kill_before: int) -> None:
-    """One process of two, in the environment torchrun gives its workers. One intra-op thread
-    (the recipe's training.threads too): GNU OpenMP's pool does not survive a fork, and a
-    parallel region in the child would wait for threads that are not there."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if kill_before:
-        real_step = Trainer.train_step
-
-        def train_step(self: Trainer) -> tuple[float, bool]:
-            if self.step + 1 == kill_before:  # every rank dies before this step
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_step(self)
-
-        Trainer.train_step = train_step  # type: ignore[method-assign]
-    os._exit(main(argv))
+# One process of two, in the environment torchrun gives its workers, optionally killed with
+# SIGKILL before a given step. A fresh interpreter, not a fork of pytest: a fork inherits whatever
+# threads earlier tests left running (gRPC's from the Flower tests, OpenMP's pool) and hung there.
+RANK_PROCESS = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from tformer.cli import main
+from tformer.training import Trainer
+kill_before = int(sys.argv[1])
+if kill_before:
+    real_step = Trainer.train_step
+    def train_step(self):
+        if self.step + 1 == kill_before:  # every rank dies before this step
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self)
+    Trainer.train_step = train_step
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def two_processes(*argv: str, kill_before: int = 0) -> list[int | None]:
-    """`torchrun --nproc_per_node 2 -m tformer.cli ARGV` as two forked processes (no new
-    interpreter imports torch: seconds instead of tens on a loaded machine). Exit codes."""
+    """`torchrun --nproc_per_node 2 -m tformer.cli ARGV` as two worker processes (torchrun's
+    environment, without its agent process). Exit codes (-9: killed); stderr of each on failure."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=_rank, args=(rank, port, list(argv), kill_before)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(180)
-        if proc.exitcode is None:
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_PROCESS, str(kill_before), *argv], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    codes = []
+    for rank, proc in enumerate(procs):
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
             proc.kill()
-    return [proc.exitcode for proc in procs]
+            _, err = proc.communicate()
+        codes.append(proc.returncode)
+        if proc.returncode not in (0, -signal.SIGKILL):
+            print(f"rank {rank} exited {proc.returncode}:\n{err[-3000:]}")
+    return codes
 
 
 def write_recipe(tmp: Path, run: str, strategy: str = "fsdp2") -> Path:
