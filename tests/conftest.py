@@ -20,6 +20,10 @@ from tformer.training.recipe import recipe_from_dict, train_recipe
 # The backend sweeps compile FlexAttention once per mask pattern; more than dynamo's default of 8
 # would silently fall back to the uncompiled path and stop testing the compiled kernel.
 torch._dynamo.config.recompile_limit = 64
+# Under pytest-xdist (scripts/test.sh runs two workers) the workers share the cores: each takes
+# its share of the threads, or every op of one would wait for the other's.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 # Tests fix their thread counts (the `one_thread` fixture); the Trainer's contention policy
 # (tformer.cpu) would change them in the middle of a test.
 os.environ.setdefault("TFORMER_CPU_THREADS", str(torch.get_num_threads()))
