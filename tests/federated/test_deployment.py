@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"flower-superlink exited with {process.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"the SuperLink did not listen on port {port} within {seconds:.0f} s")
+
+
 def flower_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -43,6 +56,7 @@ def loopback(tmp_path: Path):
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([flower_bin("flower-superlink"), "--insecure", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    wait_for_port(port, procs[0])  # on a busy machine the SuperLink takes seconds to listen
     for k in range(2):
         procs.append(subprocess.Popen(
             [flower_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
