@@ -75,3 +75,27 @@ def test_more_rounds_on_a_resume_keep_the_steps_per_round(tmp_path):
     with pytest.raises(ValueError, match="local_steps=1, not 3"), \
             global_model(spec(tmp_path, local_steps=3, rounds=4), fresh=False):
         pass
+
+
+def test_rounds_count_the_server_and_every_client_energy_across_a_resume(tmp_path):
+    """Each round's row carries the federation's cumulative energy: the server's own plus what
+    every client metered for its local steps (and reported with its update), continued by a
+    resume; a client's estimate makes the total an estimate."""
+    from flwr.app import MetricRecord, RecordDict
+
+    def reply(partition: int, joules: float, measured: float) -> RecordDict:
+        return RecordDict({"metrics": MetricRecord({"round": 1, "partition": partition, "examples": 10,
+                                                    "energy_j": joules, "energy_measured": measured})})
+
+    with global_model(spec(tmp_path, dp_noise=0.0), fresh=False) as server:
+        server.evaluate(0, server.arrays())
+        server.record_clients([reply(0, 1000.0, 0.0), reply(1, 2000.0, 0.0)])
+        server.evaluate(1, server.arrays())
+    first = rows(tmp_path / "fed" / "metrics.jsonl")
+    assert 0 < first[0]["energy_j"] < 3000.0 < first[1]["energy_j"]  # clients' 3 kJ + the server's own
+    assert first[1]["energy_method"] == "estimated" and first[1]["co2_g"] > 0
+    assert [r["partition"] for r in rows(tmp_path / "fed" / "clients.jsonl")] == [0, 1]
+    with global_model(spec(tmp_path, dp_noise=0.0), fresh=False) as server:
+        server.record_clients([reply(0, 500.0, 0.0)])
+        server.evaluate(2, server.arrays())
+    assert rows(tmp_path / "fed" / "metrics.jsonl")[-1]["energy_j"] > first[1]["energy_j"] + 500.0

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tformer import __version__, cpu, energy
-from tformer.cli.arguments import OneLineParser, finite_number, recipe_path, whole_number
+from tformer.cli.arguments import OneLineParser, energy_option, finite_number, recipe_path, whole_number
 from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
 from tformer.cli.explain_command import add_explain_command
@@ -72,12 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_use_commands(sub)
     _add_tool_commands(sub)
     return parser
-
-
-def energy_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--country", default=None, metavar="CODE", help="price the run's energy at this country's "
-                   "grid carbon intensity (ISO alpha-2/alpha-3, e.g. FR; default: $TFORMER_COUNTRY, else the "
-                   "world average)")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:

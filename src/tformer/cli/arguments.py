@@ -78,3 +78,9 @@ def check_new_file(path: Path, option: str, *, force: bool, inputs: tuple[Path, 
             break
     if path.exists() and not force:
         raise ValueError(f"{option} {path} already exists; pass --force to replace it, or choose another file")
+
+
+def energy_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--country", default=None, metavar="CODE", help="price the run's energy at this country's "
+                   "grid carbon intensity (ISO alpha-2/alpha-3, e.g. FR; default: $TFORMER_COUNTRY, else the "
+                   "world average)")

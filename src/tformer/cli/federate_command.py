@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tformer.cli.arguments import finite_number, whole_number
+from tformer.cli.arguments import energy_option, finite_number, whole_number
+from tformer.training.report import last_value
 
 MAX_CLIENTS = 10_000
 MAX_ROUNDS = 100_000
@@ -17,6 +18,7 @@ MAX_ROUNDS = 100_000
 def add_federate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("federate", help="federated training of a recipe on Flower: clients hold shares of the data "
                        "(IID, Dirichlet non-IID, natural groups); resumes from the last round")
+    energy_option(p)
     p.add_argument("recipe", help="a recipe YAML file or a shipped recipe name (a classification task)")
     p.add_argument("--clients", type=whole_number(1, MAX_CLIENTS), required=True, help="data holders")
     p.add_argument("--rounds", type=whole_number(1, MAX_ROUNDS), required=True,
@@ -70,6 +72,10 @@ def cmd_federate(args: argparse.Namespace) -> None:
     done = simulate(spec, fresh=args.fresh, cpus_per_client=args.cpus_per_client)
     print(f"done: {done} rounds; metrics.jsonl, clients.jsonl, federation.png and checkpoints/ in {out} "
           f"(tformer evaluate {out})")
+    joules, co2, method = (last_value(out / "metrics.jsonl", key) for key in ("energy_j", "co2_g", "energy_method"))
+    if joules is not None:
+        print(f"energy of the federation (server and clients): {joules:.4g} J ({joules / 3.6e6:.3g} kWh, {method}), "
+              f"{co2:.3g} g CO2e")
 
 
 def _write_app(spec: object, args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from tformer.energy import EnergyMeter
 from tformer.federated.local import node_for, train_round
 from tformer.federated.privacy import private
 from tformer.federated.server import GlobalModel, global_model
@@ -50,10 +51,13 @@ def train(msg: Message, context: Context) -> Message:
     node = node_for(spec_json)
     load_arrays(node.trainer.model, msg.content["arrays"])
     mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
+    device = node.trainer.world.device
+    meter = EnergyMeter.open(gpu_index=(device.index or 0) if device.type == "cuda" else None)
     metrics = train_round(node, partition_id, global_round, mu)
     examples = len(node.shares[partition_id])  # the weight of its update; 1 each under DP (privacy)
+    energy = {"energy_j": meter.joules(), "energy_measured": float(meter.method == "measured")}
     reply = MetricRecord({WEIGHT_KEY: 1 if spec.private else examples, "examples": examples,
-                          "round": global_round, "partition": partition_id, **metrics})
+                          "round": global_round, "partition": partition_id, **metrics, **energy})
     return Message(RecordDict({"arrays": to_arrays(node.trainer.model), "metrics": reply}), reply_to=msg)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from tformer.config import ConfigError
+from tformer.energy import EnergyMeter, EnergyReading
 from tformer.federated.local import federated_training
 from tformer.federated.partition import partition
 from tformer.federated.privacy import gaussian_epsilon
@@ -37,7 +38,7 @@ from tformer.runs import checkpoint
 from tformer.runs.run import TOKENIZER_FILE
 from tformer.training import rundir
 from tformer.training.recipe import prepare
-from tformer.training.report import Reporter, read_metrics
+from tformer.training.report import Reporter, last_value, read_metrics
 from tformer.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class GlobalModel:
         self.trainer = Trainer(self.prepared.model, self.prepared.task, self.config, self.out,
                                reporter=Reporter(self.out, self.config.max_steps, enabled=False))
         self.done, self.best = 0, math.inf
+        device = self.trainer.world.device  # the server's own evaluation and checkpoints, plus the clients'
+        self.meter = EnergyMeter.open(gpu_index=(device.index or 0) if device.type == "cuda" else None)
+        self.energy_before, self.client_joules, self.clients_measured = 0.0, 0.0, True
 
     # -- the run directory ----------------------------------------------------------------------
     def open(self, fresh: bool) -> None:
@@ -77,6 +81,7 @@ class GlobalModel:
             for name in OWN_FILES:
                 (self.out / name).unlink(missing_ok=True)
         self._truncate(self.done)
+        self.energy_before = last_value(self.out / METRICS_FILE, "energy_j") or 0.0  # earlier sessions
         rundir.write_marker(self.out, finished=False)
         saved = {**json.loads(self.spec.to_json()), "steps_per_round": self.spec.steps_per_round}
         write_json_atomic(self.out / SPEC_FILE, saved, indent=1)
@@ -103,6 +108,7 @@ class GlobalModel:
         accuracy = getattr(self.prepared.task, "accuracy", None)
         if callable(accuracy):
             row["accuracy"] = accuracy(self.prepared.model)
+        row.update(self.energy().fields())
         if self.spec.private:  # the privacy spent by the rounds so far
             row["epsilon"] = gaussian_epsilon(self.spec.dp_noise, round_, self.spec.dp_delta)[0]
             row["delta"] = self.spec.dp_delta
@@ -110,8 +116,18 @@ class GlobalModel:
         if round_ > 0:
             self._checkpoint(round_, row["val_loss"])
         plot_rounds(self.out / METRICS_FILE, self.out / PLOT_FILE)
-        log.info("round %d: %s", round_, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "round"))
-        return MetricRecord({k: float(v) for k, v in row.items()})
+        log.info("round %d: %s", round_, " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                 if k != "round" and isinstance(v, (int, float))))
+        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))})
+
+    def energy(self) -> EnergyReading:
+        """The federation's energy so far: this server's and every client's training (each client
+        meters its own rounds), plus a resumed federation's earlier sessions; an estimate when any
+        part is."""
+        reading = self.meter.reading(self.energy_before + self.meter.joules() + self.client_joules)
+        if not self.clients_measured:
+            reading = dataclasses.replace(reading, method="estimated", source=reading.source + "+clients-estimated")
+        return reading
 
     def _checkpoint(self, round_: int, val_loss: float) -> None:
         improved = val_loss < self.best
@@ -129,6 +145,8 @@ class GlobalModel:
         """One clients.jsonl row per reply (its MetricRecord: round, partition, examples, loss)."""
         for reply in replies:
             metrics = next(iter(reply.metric_records.values()))
+            self.client_joules += float(metrics.get("energy_j", 0.0))
+            self.clients_measured &= bool(metrics.get("energy_measured", 0.0))
             row = {k: (int(v) if k in ("round", "partition", "num-examples", "examples") else v)
                    for k, v in metrics.items()}
             self._append(CLIENTS_FILE, {"step": row["round"] * self.spec.steps_per_round, **row})
