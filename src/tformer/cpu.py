@@ -202,6 +202,25 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def return_freed_memory() -> bool:
+    """The opposite of keep_freed_memory, for a process whose large blocks come and go (FSDP2
+    gathers each block's parameters and frees them again twice a step): blocks of 1 MiB and more
+    are mapped per allocation and returned to the kernel when freed, so resident memory follows
+    live memory (GPT-2-small at 2 processes: 1734 MiB per process instead of 3108 with glibc's
+    defaults, benchmarks/RESULTS.md). False (nothing changed) off glibc or when the user tuned
+    malloc through its environment variables."""
+    if any(os.environ.get(name) for name in GLIBC_MALLOC_VARIABLES):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(option, value) == 1 for option, value in (
+            (_M_MMAP_THRESHOLD, 1 << 20), (_M_TRIM_THRESHOLD, 128 << 10), (_M_TOP_PAD, 128 << 10)))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def thread_policy(fixed: int | None = None, *, adapt: bool = True) -> ThreadPolicy | None:
     """Set torch's thread count for what comes next. `fixed`, else TFORMER_CPU_THREADS, sets it
     (None returned); OMP/MKL_NUM_THREADS or `adapt=False` leave it alone; otherwise one thread per

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tformer import cpu
 from tformer.config import ConfigError
 from tformer.runs.checkpoint import CheckpointError
 from tformer.training.checkpointing import blocks_of
@@ -115,6 +116,8 @@ def wrap(model: nn.Module, world: World, strategy: str = "ddp",
     if not world.distributed:
         return model
     if strategy == "fsdp2":
+        if world.device.type == "cpu":  # else the allocator keeps every freed gathered block resident
+            cpu.return_freed_memory()
         return shard(model, world, amp_dtype)
     ids = [world.device.index] if world.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
