@@ -9,6 +9,7 @@
     prune_command    prune (attention heads and MLP neurons, physically removed)
     quantize_command quantize (int8 linears for CPU inference)
     adapter_command  adapter (a LoRA run's adapters: merge, save alone, peft format)
+    energy_command   energy (any command's energy and CO2e, e.g. a benchmark's)
     export_command   export (Hugging Face checkpoint or ONNX graphs)
     tool_commands  import (gpt2, bert, vit, llama), tokenizer train, data list / fetch, demo
 """
@@ -25,6 +26,7 @@ from tformer import __version__, cpu, energy
 from tformer.cli.arguments import OneLineParser, energy_option, finite_number, recipe_path, whole_number
 from tformer.cli.adapter_command import add_adapter_command
 from tformer.cli.attack_command import add_attack_command
+from tformer.cli.energy_command import add_energy_command
 from tformer.cli.explain_command import add_explain_command
 from tformer.cli.export_command import add_export_command
 from tformer.cli.federate_command import add_federate_command
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub)
     _add_use_commands(sub)
     _add_tool_commands(sub)
+    add_energy_command(sub)
     return parser
 
 
