@@ -175,5 +175,10 @@ def test_on_gpus_the_refusal_names_fsdp2_with_the_processes_that_would_fit():
     advice = memory_plan._fit_advice(plan, free=1000 * mib)  # (1600 + 800) / 4 = 600 MiB fits, / 2 does not
     assert "training.strategy=fsdp2 under `torchrun --nproc_per_node 4`" in advice
     assert "fsdp2" not in memory_plan._fit_advice(plan, free=100 * mib)  # not even with 64 GPUs
+    odd = memory_plan.MemoryPlan(**{**plan.__dict__, "settings": {**settings, "micro_batch_rows": 6}})
+    assert "nproc_per_node 4" not in memory_plan._fit_advice(odd, free=1000 * mib)  # 4 does not divide 6 rows
+    wide = memory_plan.MemoryPlan(**{**plan.__dict__, "parameters": 700 * mib, "optimizer_state": 500 * mib})
+    # static 1600 MiB again, but every rank evaluates with all 700 MiB of parameters: 8 GPUs, not 4
+    assert "nproc_per_node 8" in memory_plan._fit_advice(wide, free=1000 * mib)
     assert "fsdp2" not in memory_plan._fit_advice(
         memory_plan.MemoryPlan(**{**plan.__dict__, "settings": {**settings, "device": "cpu"}}), free=1000 * mib)

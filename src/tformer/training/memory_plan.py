@@ -217,13 +217,14 @@ def _gather_ints(value: int) -> list[int]:
 
 def _fsdp2_advice(plan: MemoryPlan, free: int) -> str | None:
     """FSDP2 over N GPUs (each its own memory) divides gradients and optimizer state by N and
-    the micro-batch too; on one CPU machine its processes share the memory, so it is not named."""
+    the micro-batch too, but each rank holds the whole parameters while it evaluates (the
+    Trainer gathers them); on one CPU machine its processes share the memory, so it is not named."""
     s = plan.settings
     if s["strategy"] == "fsdp2" or not s["device"].startswith("cuda"):
         return None
     rows, static = s["micro_batch_rows"], plan.gradients + plan.optimizer_state + plan.parameters
-    for n in (2, 4, 8, 16, 32, 64):
-        if static / n + plan.activations / min(n, rows) <= free:
+    for n in (2, 4, 8, 16, 32, 64):  # N must divide the micro-batch; evaluation gathers the whole model
+        if rows % n == 0 and static / n + max(plan.activations / n, plan.parameters) <= free:
             return (f"training.strategy=fsdp2 under `torchrun --nproc_per_node {n}` ({n} GPUs: about "
                     f"{human_bytes(static / n)} of parameters, gradients and optimizer state each)")
     return None
