@@ -127,3 +127,27 @@ def test_country_flag_prices_the_run_and_bad_settings_clear_nothing(run, monkeyp
     monkeypatch.delenv("TFORMER_COUNTRY")
     assert main(["evaluate", str(run["dir"]), "--country", "FR"]) == 0
     assert "g/kWh (FR, 2023)" in capsys.readouterr().out
+
+
+def test_a_total_with_an_estimated_session_stays_an_estimate(run, tmp_path, monkeypatch):
+    """Resumed on a machine whose RAPL counters are readable, the run's total still holds the
+    earlier sessions' estimated joules: its rows say estimated (and why), never measured."""
+    import shutil
+
+    from tformer.energy import EnergyMeter
+
+    root = tmp_path / "powercap"
+    (root / "intel-rapl:0").mkdir(parents=True)
+    for name, value in (("name", "package-0"), ("energy_uj", "100"), ("max_energy_range_uj", "10000000000")):
+        (root / "intel-rapl:0" / name).write_text(value + "\n")
+    real_open = EnergyMeter.open.__func__
+    monkeypatch.setattr(EnergyMeter, "open", classmethod(lambda cls, **kw: real_open(cls, **{**kw, "powercap": root})))
+    assert EnergyMeter.open().method == "measured"
+    copy = tmp_path / "gpt"
+    shutil.copytree(run["dir"], copy)
+    settings = {**recipe(run["root"], 6), "run_dir": str(copy)}
+    train_recipe(recipe_from_dict(settings))
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    later = [r for r in rows if r["step"] > 4]
+    assert later and all(r["energy_method"] == "estimated" for r in later)
+    assert all(r["energy_source"].endswith("+earlier-estimated") for r in later)

@@ -8,6 +8,7 @@ non-finite losses, exact resume, and DDP or FSDP2 under torchrun.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -259,6 +260,7 @@ class Trainer:
         if not (resume and self.resume()):
             self.reporter.truncate_after(0)  # a new run: no rows of an earlier attempt
         self.energy_before = self.energy_logged = self.reporter.last("energy_j") or 0.0  # earlier sessions
+        self.earlier_estimated = self.reporter.last("energy_method") == "estimated"  # the total stays an estimate
         if self.stopped_early:
             log.warning("this run already stopped early at step %d; train with --fresh or another "
                         "run_dir to start again", self.step)
@@ -299,13 +301,17 @@ class Trainer:
         gpu = (device.index or 0) if device.type == "cuda" else None
         self.meter = EnergyMeter.open(gpu_index=gpu, country=self.country, local_rank=self.world.local_rank)
         self.energy_before, self.energy_logged, self.session_work = 0.0, 0.0, (0.0, 0.0)  # tokens, examples
+        self.earlier_estimated = False
 
     def _energy(self) -> EnergyReading:
         """The run's energy so far: every process's (a collective under torchrun: call it on every
         rank) plus a resumed run's earlier sessions (rank 0 holds those, from metrics.jsonl)."""
         mine = torch.tensor(self.meter.joules(), dtype=torch.float64, device=self.world.device)
         total = float(distributed.mean_across(mine, self.world)) * self.world.size
-        return self.meter.reading(self.energy_before + total)
+        reading = self.meter.reading(self.energy_before + total)
+        if self.earlier_estimated and reading.method == "measured":
+            reading = dataclasses.replace(reading, method="estimated", source=f"{reading.source}+earlier-estimated")
+        return reading
 
     def _energy_fields(self) -> dict[str, Any]:
         """A log row's energy: cumulative J, kWh, CO2e, and the interval's tokens and examples per J."""
