@@ -29,6 +29,10 @@ MANIFEST, FORMAT = "manifest.json", "tformer-onnx"
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 MAX_NEW_TOKENS = 100_000  # as tformer.inference.generate
+# onnxruntime fusions left off: SkipLayerNormalization (residual Add + LayerNorm in one contrib op) is
+# slower on CPU than the two ops it replaces (MiniLM-L6 at batch 32 x 64, 1 thread, onnxruntime 1.32:
+# 53 ms vs 7 ms LayerNormalization + 5 ms Add per batch; sentences/s 80 -> 86.5, benchmarks/RESULTS.md)
+SLOW_FUSIONS = ("SkipLayerNormFusion",)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -133,7 +137,8 @@ class OnnxModel:
         if threads is not None:
             options.intra_op_num_threads = check_count("threads", threads, 1, 1024)
         self.sessions = {name: ort.InferenceSession(str(self.folder / graph["file"]), options,
-                                                    providers=["CPUExecutionProvider"])
+                                                    providers=["CPUExecutionProvider"],
+                                                    disabled_optimizers=list(SLOW_FUSIONS))
                          for name, graph in self.manifest["graphs"].items()}
         tokenizer = self.manifest.get("tokenizer")
         self.tokenizer: Tokenizer | None = load_tokenizer(self.folder / tokenizer) if tokenizer else None

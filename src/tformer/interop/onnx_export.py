@@ -263,13 +263,16 @@ def session(path: Path, level: Any = None, threads: int | None = None) -> Any:
     """An onnxruntime CPU session; a graph it cannot load (an opset newer than it runs) is one line."""
     import onnxruntime as ort
 
+    from tformer.interop.onnx_decode import SLOW_FUSIONS
+
     options = ort.SessionOptions()
     if level is not None:
         options.graph_optimization_level = level
     if threads is not None:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(SLOW_FUSIONS))
     except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, NotImplemented)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxExportError(f"onnxruntime {ort.__version__} cannot load {path.name}: {first}; choose an "
