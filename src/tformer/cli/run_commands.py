@@ -44,8 +44,7 @@ def open_meter(p: Pipeline | None = None) -> EnergyMeter:
     from tformer.energy import EnergyMeter
 
     device = next(p.model.parameters()).device if p is not None else None  # type: ignore[attr-defined]
-    gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
-    return EnergyMeter.open(gpu_index=gpu)
+    return EnergyMeter.for_device(device)
 
 
 def report_energy(meter: EnergyMeter, **work: float) -> None:

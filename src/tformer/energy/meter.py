@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from tformer.energy import carbon as carbon_table
 from tformer.energy.carbon import CarbonIntensity
@@ -114,6 +114,13 @@ class EnergyMeter:
             return cls(sources, intensity, note="rapl@local-rank-0", missing=missing)
         sources.append(rapl if rapl is not None else CpuTimeSource(watts))
         return cls(sources, intensity, missing=missing)
+
+    @classmethod
+    def for_device(cls, device: Any = None, **options: Any) -> EnergyMeter:
+        """`open` for work on `device` (a torch.device, or None for the CPU): its GPU is metered
+        too when it is a CUDA device."""
+        gpu = (device.index or 0) if device is not None and device.type == "cuda" else None
+        return cls.open(gpu_index=gpu, **options)
 
     def joules(self) -> float:
         """This process's energy since the meter was opened."""

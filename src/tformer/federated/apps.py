@@ -51,8 +51,7 @@ def train(msg: Message, context: Context) -> Message:
     node = node_for(spec_json)
     load_arrays(node.trainer.model, msg.content["arrays"])
     mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
-    device = node.trainer.world.device
-    meter = EnergyMeter.open(gpu_index=(device.index or 0) if device.type == "cuda" else None)
+    meter = EnergyMeter.for_device(node.trainer.world.device)
     metrics = train_round(node, partition_id, global_round, mu)
     examples = len(node.shares[partition_id])  # the weight of its update; 1 each under DP (privacy)
     energy = {"energy_j": meter.joules(), "energy_measured": float(meter.method == "measured")}

@@ -59,8 +59,7 @@ class GlobalModel:
         self.trainer = Trainer(self.prepared.model, self.prepared.task, self.config, self.out,
                                reporter=Reporter(self.out, self.config.max_steps, enabled=False))
         self.done, self.best = 0, math.inf
-        device = self.trainer.world.device  # the server's own evaluation and checkpoints, plus the clients'
-        self.meter = EnergyMeter.open(gpu_index=(device.index or 0) if device.type == "cuda" else None)
+        self.meter = EnergyMeter.for_device(self.trainer.world.device)  # its own work; clients report theirs
         self.energy_before, self.client_joules, self.clients_measured = 0.0, 0.0, True
 
     # -- the run directory ----------------------------------------------------------------------

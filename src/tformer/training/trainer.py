@@ -297,9 +297,8 @@ class Trainer:
 
     # -- energy -----------------------------------------------------------------------------
     def _open_meter(self) -> None:
-        device = self.world.device
-        gpu = (device.index or 0) if device.type == "cuda" else None
-        self.meter = EnergyMeter.open(gpu_index=gpu, country=self.country, local_rank=self.world.local_rank)
+        self.meter = EnergyMeter.for_device(self.world.device, country=self.country,
+                                            local_rank=self.world.local_rank)
         self.energy_before, self.energy_logged, self.session_work = 0.0, 0.0, (0.0, 0.0)  # tokens, examples
         self.earlier_estimated = False
 
