@@ -270,7 +270,7 @@ def summarise(report: dict) -> None:
                   f"{r['extrapolated_kwh']:.2e} kWh, {r['extrapolated_co2_g_world']:.2f} g CO2e (world)")
 
 if __name__ == "__main__":
-    from tformer.energy import say_at_exit
+    from tformer.cli.energy_command import say_at_exit
 
     say_at_exit("benchmarks/bench_energy.py")  # one line with its energy and CO2e at exit
     main()

@@ -223,7 +223,7 @@ def markdown(report: dict, sweeps: dict, png: str, args: argparse.Namespace) -> 
 
 
 if __name__ == "__main__":
-    from tformer.energy import say_at_exit
+    from tformer.cli.energy_command import say_at_exit
 
     say_at_exit("benchmarks/bench_robustness_text.py")  # one line with its energy and CO2e at exit
     raise SystemExit(main())

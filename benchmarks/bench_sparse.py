@@ -231,7 +231,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from tformer.energy import say_at_exit
+    from tformer.cli.energy_command import say_at_exit
 
     say_at_exit("benchmarks/bench_sparse.py")  # one line with its energy and CO2e at exit
     main()

@@ -146,7 +146,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from tformer.energy import say_at_exit
+    from tformer.cli.energy_command import say_at_exit
 
     say_at_exit("benchmarks/bench_tokenizer.py")  # one line with its energy and CO2e at exit
     sys.exit(main())

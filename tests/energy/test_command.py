@@ -34,10 +34,10 @@ def test_bad_invocations_are_one_line(tmp_path, capsys):
 
 
 def test_a_benchmark_says_its_energy_when_it_exits():
-    """Every benchmark script calls energy.say_at_exit first: one line on stderr at exit."""
+    """Every benchmark script calls say_at_exit first: one line on stderr at exit."""
     import subprocess
 
-    code = f"from tformer.energy import say_at_exit\nsay_at_exit('bench_x')\n{BURN}"
+    code = f"from tformer.cli.energy_command import say_at_exit\nsay_at_exit('bench_x')\n{BURN}"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("energy of bench_x: energy ") and "estimated" in line and "g CO2e" in line

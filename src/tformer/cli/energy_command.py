@@ -1,10 +1,12 @@
 """`tformer energy [--out FILE] -- COMMAND ...`: the energy and CO2e of any command (a benchmark,
 a peer's training script), metered like tformer's own runs (RAPL / NVML where readable, else this
-process's and its children's CPU time x a per-core figure, labelled estimated)."""
+process's and its children's CPU time x a per-core figure, labelled estimated). `say_at_exit`: the
+same line for a script about itself (every benchmark calls it first)."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import subprocess
 import sys
@@ -43,3 +45,12 @@ def cmd_energy(args: argparse.Namespace) -> int:
         record = {"command": command, "exit_code": code, "seconds": seconds, **reading.fields()}
         out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return code
+
+
+def say_at_exit(what: str) -> None:
+    """Meter this process from now on; when it exits, one line on stderr with its energy and
+    CO2e (children it waited for included)."""
+    from tformer.energy import EnergyMeter
+
+    meter = EnergyMeter.open()
+    atexit.register(lambda: print(f"energy of {what}: {meter.reading().summary()}", file=sys.stderr, flush=True))

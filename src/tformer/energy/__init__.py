@@ -3,6 +3,6 @@ estimate from CPU time, always labelled) and `carbon` (grams CO2e per kWh by cou
 table). Rank 0: the Trainer, evaluation and generation all meter themselves."""
 
 from tformer.energy.carbon import CarbonIntensity, intensity
-from tformer.energy.meter import EnergyMeter, EnergyReading, check_settings, say_at_exit
+from tformer.energy.meter import EnergyMeter, EnergyReading, check_settings
 
-__all__ = ["CarbonIntensity", "EnergyMeter", "EnergyReading", "check_settings", "intensity", "say_at_exit"]
+__all__ = ["CarbonIntensity", "EnergyMeter", "EnergyReading", "check_settings", "intensity"]

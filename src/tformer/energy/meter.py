@@ -7,12 +7,10 @@ few file reads or one NVML call per interval, nothing per step."""
 
 from __future__ import annotations
 
-import atexit
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from tformer.energy import carbon as carbon_table
 from tformer.energy.carbon import CarbonIntensity
@@ -144,14 +142,3 @@ def check_settings(country: str | None = None, watts_per_core: float | None = No
     watts_per_core_setting(watts_per_core)
     carbon_table.intensity(country)
 
-
-def say_at_exit(what: str, stream: TextIO | None = None) -> EnergyMeter:
-    """Meter this process from now on and write one line with its energy and CO2e when it exits
-    (every benchmark script calls it first; children it waited for are included)."""
-    meter = EnergyMeter.open()
-
-    def say() -> None:
-        print(f"energy of {what}: {meter.reading().summary()}", file=stream or sys.stderr, flush=True)
-
-    atexit.register(say)
-    return meter
