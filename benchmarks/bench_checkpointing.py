@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tformer import cpu
 from tformer.models import build_model, get_config
 from tformer.training.checkpointing import apply_activation_checkpointing, blocks_of
+from tformer.training.memory_plan import status_bytes
 from tformer.training.optim import build_optimizer
 from tformer.training.tasks.causal_lm import takes_targets
 
@@ -43,11 +44,9 @@ CASES = {  # name -> (preset, default batch)
 
 
 def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """VmRSS / VmHWM of this process in MiB (NaN where /proc cannot tell)."""
+    found = status_bytes(field)
+    return float("nan") if found is None else found / 2**20
 
 
 def sync(device: str) -> None:

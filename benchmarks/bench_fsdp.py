@@ -42,16 +42,15 @@ import torch.distributed as dist
 from tformer import cpu
 from tformer.models import build_model
 from tformer.training import CausalLMTask, TrainConfig, Trainer, distributed
+from tformer.training.memory_plan import status_bytes
 
 STRATEGIES = ("ddp", "fsdp2")
 
 
 def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """VmRSS / VmHWM of this process in MiB (NaN where /proc cannot tell)."""
+    found = status_bytes(field)
+    return float("nan") if found is None else found / 2**20
 
 
 def worker(args: argparse.Namespace) -> None:

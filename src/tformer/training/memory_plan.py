@@ -54,7 +54,8 @@ MEASURE_AFTER_STEPS = 2  # the real peak is read at the first log line at least 
 
 
 # -- reading memory --------------------------------------------------------------------------
-def _status_bytes(name: str) -> int | None:
+def status_bytes(name: str) -> int | None:
+    """A size from this process's /proc/self/status (VmRSS, VmHWM, ...) in bytes; None off Linux."""
     try:
         for line in STATUS.read_text().splitlines():
             if line.startswith(name + ":"):
@@ -83,7 +84,7 @@ class Meter:
     def usable(self) -> bool:
         if self.cuda:
             return True
-        return _status_bytes("VmHWM") is not None and CLEAR_REFS.exists()
+        return status_bytes("VmHWM") is not None and CLEAR_REFS.exists()
 
     def reset(self) -> int:
         """Start a new peak here; returns the memory in use now."""
@@ -96,13 +97,13 @@ class Meter:
             CLEAR_REFS.write_text("5")  # VmHWM := VmRSS
         except OSError:
             pass
-        return _status_bytes("VmRSS") or 0
+        return status_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
-        return _status_bytes("VmHWM") or 0
+        return status_bytes("VmHWM") or 0
 
     def available(self) -> int | None:
         if self.cuda:
